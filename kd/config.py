@@ -1,0 +1,110 @@
+"""Run configuration: one dataclass whose fields mirror the CLI flags and the YAML keys."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kd.errors import KDError
+
+METHODS = ("onehot", "ls", "lspp")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; ``None`` means "take the data set's default"."""
+
+    method: str = "lspp"          # teacher training: onehot | ls | lspp
+    teacher: str | None = None    # student training: a teacher SPEC (see `kd distill --help`)
+    model: str | None = None
+    dataset: str = "digits"
+    data_root: str | None = None
+    download: bool = False
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    c_weight_decay: bool = True   # apply weight decay to LS++'s C logits too
+    optimizer: str = "sgd"        # sgd | adamw
+    schedule: str = "cosine"      # cosine | step | constant
+    warmup_epochs: float = 1.0
+    milestones: tuple[float, ...] = (0.5, 0.75)  # step schedule: fractions of the run
+    gamma: float = 0.1
+    alpha: float | None = None    # LS / LS++ / proxy mixing weight (default 0.1; proxy: the artifact's)
+    temperature: float | None = None  # Hinton KD temperature (network teacher)
+    hard_weight: float = 0.0      # Hinton KD weight of the hard-label loss
+    augment: bool = True          # the data set's batch augmentation (pad-and-crop, flip)
+    seed: int = 0
+    device: str = "auto"          # auto | cpu | cuda
+    amp: str = "none"             # none | bf16 | fp16
+    channels_last: bool = False
+    num_workers: int = 4          # only for folder data sets streamed from disk
+
+    def validate(self) -> "TrainConfig":
+        if self.alpha is not None and not 0.0 < float(self.alpha) < 1.0:
+            raise KDError(f"--alpha must lie in (0, 1), got {self.alpha}")
+        if self.epochs < 1:
+            raise KDError(f"--epochs must be at least 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise KDError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.lr <= 0:
+            raise KDError(f"--lr must be positive, got {self.lr}")
+        if self.weight_decay < 0:
+            raise KDError(f"--weight-decay must be non-negative, got {self.weight_decay}")
+        for key, allowed in (("method", METHODS), ("optimizer", ("sgd", "adamw")),
+                             ("schedule", ("cosine", "step", "constant")), ("amp", ("none", "bf16", "fp16")),
+                             ("device", ("auto", "cpu", "cuda"))):
+            if getattr(self, key) not in allowed:
+                raise KDError(f"--{key.replace('_', '-')} must be one of {', '.join(allowed)}, got '{getattr(self, key)}'")
+        if self.temperature is not None and self.temperature <= 0:
+            raise KDError(f"--temperature must be positive, got {self.temperature}")
+        if not 0.0 <= self.hard_weight <= 1.0:
+            raise KDError(f"--hard-weight must lie in [0, 1], got {self.hard_weight}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["milestones"] = list(self.milestones)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "config") -> "TrainConfig":
+        return cls().updated(d, where)
+
+    def updated(self, d: dict[str, Any], where: str = "config") -> "TrainConfig":
+        """A copy with the keys of ``d`` (dashes or underscores) replacing these values."""
+        known = {f.name: f for f in fields(self)}
+        values = self.to_dict()
+        for key, value in d.items():
+            k = str(key).replace("-", "_")
+            if k not in known:
+                raise KDError(f"{where}: unknown key '{key}'; valid keys are {', '.join(known)}")
+            values[k] = value
+        values["milestones"] = tuple(values["milestones"])
+        try:
+            out = type(self)(**values)
+            for f in fields(out):  # coerce YAML scalars (e.g. "1e-3" strings) to the field's type
+                v = getattr(out, f.name)
+                default = getattr(type(self)(), f.name)
+                if v is not None and isinstance(default, (int, float)) and not isinstance(default, bool):
+                    setattr(out, f.name, type(default)(v))
+        except (TypeError, ValueError) as e:
+            raise KDError(f"{where}: bad value ({e})") from None
+        return out
+
+
+def load_yaml_config(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping of config keys; a missing or malformed file is a KDError."""
+    p = Path(path)
+    if not p.is_file():
+        raise KDError(f"config file {p} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise KDError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise KDError(f"config file {p} must hold a mapping of keys to values")
+    return data

@@ -1,0 +1,212 @@
+"""The one training engine: any model, any target source, under accelerate from the start.
+
+One step, top to bottom: batch (x, y, index) -> model(x) -> source.loss_terms(...) -> sum of
+the named terms -> backward -> optimiser step -> schedule step. Teacher training (the
+source is LS++ with its learnable C) and student training (the source is a frozen
+teacher) run the same loop.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from kd import runs
+from kd.config import TrainConfig
+from kd.data import BatchTransform, DatasetInfo, ImageTensors, IndexedDataset, TensorLoader
+from kd.metrics import classification_metrics
+from kd.sources import TargetSource
+
+
+class Objective(nn.Module):
+    """Model plus target source in one module, so accelerate prepares (and DDP wraps) both."""
+
+    def __init__(self, model: nn.Module, source: TargetSource):
+        super().__init__()
+        self.model = model
+        self.source = source
+
+    def forward(self, x, y, index=None):
+        logits = self.model(x)
+        terms = self.source.loss_terms(
+            logits, y,
+            inputs=x if self.source.needs_inputs else None,
+            index=index if self.source.needs_index else None,
+        )
+        return logits, terms
+
+
+@dataclass
+class FitResult:
+    model: nn.Module
+    source: TargetSource
+    summary: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def make_accelerator(cfg: TrainConfig):
+    from accelerate import Accelerator
+
+    cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        from kd.errors import KDError
+
+        raise KDError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
+    return Accelerator(cpu=cpu, mixed_precision="no" if cfg.amp == "none" else cfg.amp)
+
+
+def lr_lambda(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
+    """Multiplier of the base learning rate at optimiser step s: linear warm-up, then the schedule."""
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warm = min(int(cfg.warmup_epochs * steps_per_epoch), total - 1)
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = (step - warm) / max(1, total - warm)
+        if cfg.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return cfg.gamma ** sum(step >= m * total for m in cfg.milestones)
+
+    return f
+
+
+def build_optimizer(objective: Objective, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Network parameters with weight decay; the source's learnable parameters (C) with or without."""
+    model_params = [p for p in objective.model.parameters() if p.requires_grad]
+    source_params = [p for p in objective.source.parameters() if p.requires_grad]
+    groups = [{"params": model_params, "weight_decay": cfg.weight_decay}]
+    if source_params:
+        groups.append({"params": source_params, "weight_decay": cfg.weight_decay if cfg.c_weight_decay else 0.0})
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+
+
+def make_loader(data, info: DatasetInfo | None, cfg: TrainConfig, accelerator, train: bool):
+    """A loader yielding (x, y, index): tensors stay tensors; other data sets go through DataLoader."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    common = dict(shuffle=train, drop_last=train, train=train, seed=cfg.seed, rank=rank, world_size=world,
+                  device=accelerator.device)
+    if not train:
+        common.update(rank=0, world_size=1)  # every process evaluates the whole test set
+    if isinstance(data, ImageTensors):
+        pad = info.crop_padding if (info and cfg.augment) else 0
+        flip = bool(info and cfg.augment and info.flip)
+        mean = info.mean if info else (0.0,) * data.images.shape[1]
+        std = info.std if info else (1.0,) * data.images.shape[1]
+        tf = BatchTransform(data.scale, mean, std, pad, flip)
+        return TensorLoader(data.images, data.labels, cfg.batch_size, transform=tf, **common)
+    if isinstance(data, torch.utils.data.TensorDataset):
+        x, y = data.tensors[0], data.tensors[1]
+        return TensorLoader(x, y.long(), cfg.batch_size, **common)
+    loader = torch.utils.data.DataLoader(
+        IndexedDataset(data), batch_size=cfg.batch_size, shuffle=train, drop_last=train,
+        num_workers=cfg.num_workers, pin_memory=accelerator.device.type == "cuda",
+        persistent_workers=cfg.num_workers > 0,
+    )
+    return accelerator.prepare(loader) if train else loader
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader, device, channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """All logits and labels of a loader, model in eval mode (restored afterwards)."""
+    was_training = model.training
+    model.eval()
+    outs, labels = [], []
+    for x, y, _ in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        outs.append(model(x).float())
+        labels.append(y)
+    model.train(was_training)
+    return torch.cat(outs), torch.cat(labels)
+
+
+def fit(model: nn.Module, source: TargetSource, train_data, test_data, cfg: TrainConfig, *,
+        info: DatasetInfo | None = None, run_dir: Path | None = None, meta: dict[str, Any] | None = None,
+        progress: bool = True, log: Callable[[str], None] | None = print) -> FitResult:
+    """Train ``model`` on the targets of ``source``; evaluate on ``test_data`` after every epoch.
+
+    With ``run_dir`` the run directory is filled as the run goes (metrics.csv after each
+    epoch; weights, C-matrix and summary.json at the end).
+    """
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    accelerator = make_accelerator(cfg)
+    set_seed(cfg.seed)
+    device = accelerator.device
+    objective = Objective(model, source).to(device)
+    if cfg.channels_last:
+        objective.model.to(memory_format=torch.channels_last)
+    train_loader = make_loader(train_data, info, cfg, accelerator, train=True)
+    test_loader = make_loader(test_data, info, cfg, accelerator, train=False)
+    steps_per_epoch = len(train_loader)
+    if steps_per_epoch == 0:
+        from kd.errors import KDError
+
+        raise KDError(f"the training set ({len(train_data)} samples) is smaller than one batch ({cfg.batch_size}); lower --batch-size")
+    optimizer = build_optimizer(objective, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps_per_epoch))
+    prepared, optimizer = accelerator.prepare(objective, optimizer)
+    main = accelerator.is_main_process
+    history: list[dict[str, Any]] = []
+    total_seconds = 0.0
+    for epoch in range(1, cfg.epochs + 1):
+        if hasattr(train_loader, "set_epoch"):
+            train_loader.set_epoch(epoch)
+        prepared.train()
+        term_sums: dict[str, torch.Tensor] = {}
+        t0 = time.perf_counter()
+        bar = tqdm(train_loader, total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}",
+                   disable=not (progress and main), leave=False, dynamic_ncols=True)
+        for x, y, idx in bar:
+            if cfg.channels_last and x.ndim == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            _, terms = prepared(x, y, idx)
+            loss = sum(terms.values())
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            optimizer.step()
+            scheduler.step()
+            for k, v in terms.items():
+                term_sums[k] = term_sums.get(k, 0.0) + v.detach()
+        seconds = time.perf_counter() - t0
+        total_seconds += seconds
+        logits, labels = evaluate(accelerator.unwrap_model(prepared).model, test_loader, device, cfg.channels_last)
+        m = classification_metrics(logits, labels)
+        terms_mean = {f"loss_{k}": float(v) / steps_per_epoch for k, v in term_sums.items()}
+        row = {"epoch": epoch, "train_loss": sum(terms_mean.values()), "test_acc": m["acc"],
+               "test_nll": m["nll"], "test_ece": m["ece"], "seconds": seconds, **terms_mean}
+        history.append(row)
+        if main and run_dir is not None:
+            runs.write_metrics(run_dir, history)
+        if main and log is not None:
+            log(f"epoch {epoch:3d}  loss {row['train_loss']:.4f}  acc {m['acc']:.4f}  nll {m['nll']:.4f}  "
+                f"ece {m['ece']:.4f}  {seconds:.1f}s")
+    unwrapped = accelerator.unwrap_model(prepared)
+    last = history[-1]
+    summary = {
+        **(meta or {}),
+        "test_acc": last["test_acc"], "test_nll": last["test_nll"], "test_ece": last["test_ece"],
+        "epochs": cfg.epochs, "train_seconds": total_seconds, "seconds_per_epoch": total_seconds / cfg.epochs,
+        "device": str(device), "num_processes": accelerator.num_processes,
+    }
+    if main and run_dir is not None:
+        runs.save_weights(run_dir / runs.WEIGHTS, unwrapped.model)
+        if hasattr(unwrapped.source, "c_matrix") and callable(unwrapped.source.c_matrix):
+            class_names = (info.class_names if info else None) or [str(i) for i in range(unwrapped.source.num_classes)]
+            runs.save_c_matrix(run_dir / runs.C_MATRIX, unwrapped.source.c_matrix(), unwrapped.source.alpha,
+                               class_names, {"source": "lspp-learned", "dataset": str((meta or {}).get("dataset", ""))})
+        runs.write_summary(run_dir, summary)
+    accelerator.wait_for_everyone()
+    return FitResult(unwrapped.model, unwrapped.source, summary, history)

@@ -1,0 +1,141 @@
+"""Models by name: the paper's small-input nets, or any timm / torchvision classifier.
+
+Registered names (``lenet``, ``mlp``, ``resnet18`` ... ``resnet101``, ``shufflenetv2``,
+``densenet121``) are small-input variants: a 3x3 stride-1 stem and no stem max-pool, as the
+paper used on 32x32 and 64x64 images. ``timm:NAME`` and ``torchvision:NAME`` take a library
+model as it is; a bare name not registered here is looked up in timm, then torchvision.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from kd.errors import KDError
+
+
+class LeNet(nn.Module):
+    """LeNet-5: two 5x5 convolutions with max-pooling, then 120-84-K fully connected layers."""
+
+    def __init__(self, in_channels: int, num_classes: int, image_size: int = 28):
+        super().__init__()
+        pad2 = 2 if image_size < 16 else 0  # keep 8x8 inputs from vanishing
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 6, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, 5, padding=pad2), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Flatten(),
+        )
+        with torch.no_grad():
+            n = self.features(torch.zeros(1, in_channels, image_size, image_size)).shape[1]
+        self.classifier = nn.Sequential(
+            nn.Linear(n, 120), nn.ReLU(inplace=True), nn.Linear(120, 84), nn.ReLU(inplace=True),
+            nn.Linear(84, num_classes),
+        )
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+class MLP(nn.Module):
+    """A two-hidden-layer perceptron over flattened inputs (tabular data, or images flattened)."""
+
+    def __init__(self, in_features: int, num_classes: int, hidden: int = 256):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Flatten(), nn.Linear(in_features, hidden), nn.ReLU(inplace=True),
+            nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, num_classes),
+        )
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def _small_stem_resnet(arch: str) -> Callable[..., nn.Module]:
+    def build(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
+        import torchvision
+
+        m = getattr(torchvision.models, arch)(num_classes=num_classes)
+        m.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
+        m.maxpool = nn.Identity()
+        return m
+
+    return build
+
+
+def _small_shufflenetv2(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
+    import torchvision
+
+    m = torchvision.models.shufflenet_v2_x1_0(num_classes=num_classes)
+    m.conv1 = nn.Sequential(
+        nn.Conv2d(in_channels, 24, 3, stride=1, padding=1, bias=False), nn.BatchNorm2d(24), nn.ReLU(inplace=True)
+    )
+    m.maxpool = nn.Identity()
+    return m
+
+
+def _small_densenet121(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
+    import torchvision
+
+    m = torchvision.models.densenet121(num_classes=num_classes)
+    m.features.conv0 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
+    m.features.pool0 = nn.Identity()
+    return m
+
+
+def _lenet(in_channels, num_classes, image_size):
+    return LeNet(in_channels, num_classes, image_size)
+
+
+def _mlp(in_channels, num_classes, image_size):
+    return MLP(in_channels * image_size * image_size, num_classes)
+
+
+MODELS: dict[str, Callable[[int, int, int], nn.Module]] = {
+    "lenet": _lenet,
+    "mlp": _mlp,
+    "resnet18": _small_stem_resnet("resnet18"),
+    "resnet34": _small_stem_resnet("resnet34"),
+    "resnet50": _small_stem_resnet("resnet50"),
+    "resnet101": _small_stem_resnet("resnet101"),
+    "shufflenetv2": _small_shufflenetv2,
+    "densenet121": _small_densenet121,
+}
+
+
+def _timm_model(name: str, in_channels: int, num_classes: int) -> nn.Module:
+    import timm
+
+    if not timm.is_model(name):
+        raise KDError(f"unknown timm model '{name}'; list names with `python -c \"import timm; print(timm.list_models())\"`")
+    return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels)
+
+
+def _torchvision_model(name: str, in_channels: int, num_classes: int) -> nn.Module:
+    import torchvision
+
+    if name not in torchvision.models.list_models():
+        raise KDError(f"unknown torchvision model '{name}'; see torchvision.models.list_models()")
+    if in_channels != 3:
+        raise KDError(f"torchvision model '{name}' takes 3 input channels, the data set has {in_channels}; use timm:{name} or a registered model")
+    return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+
+
+def create_model(name: str, num_classes: int, in_channels: int = 3, image_size: int = 32) -> nn.Module:
+    """Build a classifier by name with ``num_classes`` outputs for ``in_channels`` x size x size inputs."""
+    if name in MODELS:
+        return MODELS[name](in_channels, num_classes, image_size)
+    if name.startswith("timm:"):
+        return _timm_model(name[5:], in_channels, num_classes)
+    if name.startswith("torchvision:"):
+        return _torchvision_model(name[12:], in_channels, num_classes)
+    import timm
+    import torchvision
+
+    if timm.is_model(name):
+        return _timm_model(name, in_channels, num_classes)
+    if name in torchvision.models.list_models():
+        return _torchvision_model(name, in_channels, num_classes)
+    raise KDError(
+        f"unknown model '{name}'; use one of {', '.join(MODELS)}, or timm:NAME / torchvision:NAME"
+    )
