@@ -1,0 +1,25 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture
+def kd_main(capsys):
+    """Run the CLI in-process; returns (exit code, stdout, stderr)."""
+    from kd.cli import main
+
+    def run(*argv):
+        try:
+            code = main([str(a) for a in argv])
+        except SystemExit as e:  # argparse usage errors
+            code = e.code
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run
