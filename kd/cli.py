@@ -69,6 +69,36 @@ def _cmd_train_teacher(args) -> int:
     return 0
 
 
+def _cmd_distill(args) -> int:
+    from kd.jobs import distill_job
+
+    cfg = config_from_args(args)
+    log = None if args.quiet else print
+    result = distill_job(cfg, args.out, progress=not args.quiet, log=log)
+    s = result.summary
+    print(f"student {s['model']} from {cfg.teacher} -> {args.out}: acc {s['test_acc']:.4f}  "
+          f"nll {s['test_nll']:.4f}  ece {s['test_ece']:.4f}  ({s['seconds_per_epoch']:.2f}s/epoch)")
+    return 0
+
+
+def _cmd_proxy_export(args) -> int:
+    from kd.jobs import export_proxy_job
+
+    if args.alpha is not None and not 0 < args.alpha < 1:
+        raise KDError(f"--alpha must lie in (0, 1), got {args.alpha}")
+    out = export_proxy_job(args.run_dir, args.out, args.source, args.alpha, args.data_root, args.device)
+    print(f"proxy teacher ({args.source}) -> {out}")
+    return 0
+
+
+def _cmd_teacher_cache(args) -> int:
+    from kd.jobs import cache_job
+
+    out = cache_job(args.run_dir, args.dataset, args.out, args.data_root, args.device)
+    print(f"teacher outputs -> {out}")
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from kd.demo import run_demo
 
@@ -86,6 +116,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="new run directory (must not exist or be empty)")
     add_train_flags(p)
     p.set_defaults(func=_cmd_train_teacher)
+
+    from teachers import SPEC_HELP
+
+    p = sub.add_parser("distill", help="train a student from a teacher SPEC",
+                       description="Train a student from a teacher source. SPEC: " + SPEC_HELP + ". "
+                       "Cached rows describe un-augmented inputs: combine cached: with --no-augment "
+                       "(a warning is printed when augmentation is on).")
+    p.add_argument("--teacher", required=True, metavar="SPEC", help=SPEC_HELP)
+    p.add_argument("--student", dest="model", default=S, help="student model name (default: the data set's)")
+    p.add_argument("--out", required=True, help="new run directory (must not exist or be empty)")
+    p.add_argument("--temperature", type=float, default=S,
+                   help="network teacher: use Hinton's KD loss at temperature T (default: CE on the teacher's probabilities)")
+    p.add_argument("--hard-weight", type=float, default=S, help="Hinton KD: weight w of the hard-label CE, (1-w) on the soft term")
+    add_train_flags(p)
+    p.set_defaults(func=_cmd_distill)
+
+    p = sub.add_parser("proxy", help="proxy teachers (C-matrices)")
+    psub = p.add_subparsers(dest="proxy_command", required=True, parser_class=_Parser)
+    e = psub.add_parser("export", help="write a C-matrix proxy from any trained teacher run",
+                        description="A proxy teacher from any trained network: the class-conditional mean of its "
+                        "softmax over the training set, diagonal removed, rows renormalised (measured); an LS++ run "
+                        "also offers the C it learned (learned).")
+    e.add_argument("run_dir")
+    e.add_argument("--out", required=True, help="new .safetensors file")
+    e.add_argument("--from", dest="source", choices=["auto", "learned", "measured"], default="auto",
+                   help="auto: learned where the run has one, else measured")
+    e.add_argument("--alpha", type=float, default=None, help="alpha stored with the proxy (default: the run's, else 0.1)")
+    e.add_argument("--data-root", default=None)
+    e.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    e.set_defaults(func=_cmd_proxy_export)
+
+    p = sub.add_parser("teacher", help="teacher utilities")
+    tsub = p.add_subparsers(dest="teacher_command", required=True, parser_class=_Parser)
+    c = tsub.add_parser("cache", help="cache a teacher run's logits for every training sample",
+                        description="Compute a teacher's logits once per training sample (un-augmented inputs) "
+                        "for `kd distill --teacher cached:FILE`.")
+    c.add_argument("run_dir")
+    c.add_argument("--dataset", default=None, help="default: the data set the teacher was trained on")
+    c.add_argument("--out", required=True, help="new .safetensors file")
+    c.add_argument("--data-root", default=None)
+    c.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    c.set_defaults(func=_cmd_teacher_cache)
 
     p = sub.add_parser("demo", help="the main job on the bundled digits data, in about a minute")
     p.add_argument("--out", default=None, help="keep the run directories here (default: a temporary directory)")

@@ -341,3 +341,15 @@ def load_dataset(name: str, root: str | Path | None = None, download: bool = Fal
         classes = getattr(train, "classes", None)
         info = replace(info, class_names=list(classes) if classes else [str(i) for i in range(info.num_classes)])
     return DataSplit(train, test, info)
+
+
+def infer_num_classes(data) -> int:
+    """K for a data set whose labels are 0..K-1 (ImageTensors, TensorDataset, or one with .classes)."""
+    if isinstance(data, ImageTensors):
+        return int(data.labels.max()) + 1
+    if isinstance(data, torch.utils.data.TensorDataset):
+        return int(data.tensors[1].max()) + 1
+    classes = getattr(data, "classes", None)
+    if classes:
+        return len(classes)
+    raise KDError("cannot tell the number of classes of this data set; pass num_classes")

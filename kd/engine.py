@@ -90,13 +90,17 @@ def build_optimizer(objective: Objective, cfg: TrainConfig) -> torch.optim.Optim
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
 
 
-def make_loader(data, info: DatasetInfo | None, cfg: TrainConfig, accelerator, train: bool):
-    """A loader yielding (x, y, index): tensors stay tensors; other data sets go through DataLoader."""
-    rank, world = accelerator.process_index, accelerator.num_processes
-    common = dict(shuffle=train, drop_last=train, train=train, seed=cfg.seed, rank=rank, world_size=world,
-                  device=accelerator.device)
+def make_loader(data, info: DatasetInfo | None, cfg: TrainConfig, *, train: bool, device,
+                rank: int = 0, world_size: int = 1, accelerator=None):
+    """A loader yielding (x, y, index): tensors stay tensors; other data sets go through DataLoader.
+
+    Training loaders shuffle, augment and shard by rank; evaluation loaders keep the data
+    set's order, do not augment and give every process the whole set.
+    """
     if not train:
-        common.update(rank=0, world_size=1)  # every process evaluates the whole test set
+        rank, world_size = 0, 1
+    common = dict(shuffle=train, drop_last=train, train=train, seed=cfg.seed, rank=rank,
+                  world_size=world_size, device=device)
     if isinstance(data, ImageTensors):
         pad = info.crop_padding if (info and cfg.augment) else 0
         flip = bool(info and cfg.augment and info.flip)
@@ -109,10 +113,18 @@ def make_loader(data, info: DatasetInfo | None, cfg: TrainConfig, accelerator, t
         return TensorLoader(x, y.long(), cfg.batch_size, **common)
     loader = torch.utils.data.DataLoader(
         IndexedDataset(data), batch_size=cfg.batch_size, shuffle=train, drop_last=train,
-        num_workers=cfg.num_workers, pin_memory=accelerator.device.type == "cuda",
-        persistent_workers=cfg.num_workers > 0,
+        num_workers=cfg.num_workers, pin_memory=torch.device(device).type == "cuda",
+        persistent_workers=train and cfg.num_workers > 0,
     )
-    return accelerator.prepare(loader) if train else loader
+    return accelerator.prepare(loader) if (train and accelerator is not None) else loader
+
+
+def predict(model: nn.Module, data, info: DatasetInfo | None, batch_size: int = 512,
+            device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels of ``model`` over ``data`` in the data set's order, un-augmented."""
+    cfg = TrainConfig(batch_size=batch_size, augment=False, num_workers=0)
+    model = model.to(device)
+    return evaluate(model, make_loader(data, info, cfg, train=False, device=device), device)
 
 
 @torch.inference_mode()
@@ -148,8 +160,9 @@ def fit(model: nn.Module, source: TargetSource, train_data, test_data, cfg: Trai
     objective = Objective(model, source).to(device)
     if cfg.channels_last:
         objective.model.to(memory_format=torch.channels_last)
-    train_loader = make_loader(train_data, info, cfg, accelerator, train=True)
-    test_loader = make_loader(test_data, info, cfg, accelerator, train=False)
+    train_loader = make_loader(train_data, info, cfg, train=True, device=device, rank=accelerator.process_index,
+                               world_size=accelerator.num_processes, accelerator=accelerator)
+    test_loader = make_loader(test_data, info, cfg, train=False, device=device)
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:
         from kd.errors import KDError
@@ -168,7 +181,7 @@ def fit(model: nn.Module, source: TargetSource, train_data, test_data, cfg: Trai
         term_sums: dict[str, torch.Tensor] = {}
         t0 = time.perf_counter()
         bar = tqdm(train_loader, total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}",
-                   disable=not (progress and main), leave=False, dynamic_ncols=True)
+                   disable=None if (progress and main) else True, leave=False, dynamic_ncols=True)
         for x, y, idx in bar:
             if cfg.channels_last and x.ndim == 4:
                 x = x.contiguous(memory_format=torch.channels_last)

@@ -4,10 +4,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from kd import runs
 from kd.config import TrainConfig
 from kd.data import DataSplit, load_dataset
-from kd.engine import FitResult, fit
+from kd.engine import FitResult, fit, predict
 from kd.models import create_model
 
 
@@ -47,3 +49,97 @@ def train_teacher_job(cfg: TrainConfig, out: str | Path, progress: bool = True, 
     meta = {"kind": "teacher", "method": cfg.method, "alpha": resolved.alpha, **model_meta(cfg, split, name)}
     return fit(model, source, split.train, split.test, resolved, info=split.info, run_dir=run_dir,
                meta=meta, progress=progress, log=log)
+
+
+def distill_job(cfg: TrainConfig, out: str | Path, progress: bool = True, log=print) -> FitResult:
+    """`kd distill`: train a student (cfg.model) from the teacher SPEC cfg.teacher into ``out``."""
+    import warnings
+
+    from students import distill
+    from teachers import teacher_from_spec
+
+    cfg.validate()
+    if not cfg.teacher:
+        from kd.errors import KDError
+
+        raise KDError("--teacher SPEC is required")
+    runs.check_new_run_dir(out)
+    split = load_dataset(cfg.dataset, cfg.data_root, cfg.download)
+    teacher = teacher_from_spec(cfg.teacher, split.info, len(split.train), alpha=cfg.alpha,
+                                temperature=cfg.temperature, hard_weight=cfg.hard_weight)
+    name, student = build_model(cfg, split)
+    run_dir = runs.prepare_run_dir(out)
+    resolved = cfg.updated({"model": name, "alpha": getattr(teacher, "alpha", None)})
+    runs.write_config(run_dir, resolved.to_dict())
+    meta = {"kind": "student", "teacher": cfg.teacher, "teacher_kind": cfg.teacher.partition(":")[0],
+            "alpha": resolved.alpha, **model_meta(cfg, split, name)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        return distill(student, teacher, split.train, split.test, resolved, info=split.info, run_dir=run_dir,
+                       meta=meta, progress=progress, log=log)
+
+
+def _teacher_train_logits(run_dir: Path, dataset: str | None, data_root: str | None, device: str):
+    from kd.errors import KDError
+    from teachers.network import load_teacher_network
+
+    model, meta = load_teacher_network(run_dir)
+    name = dataset or meta["dataset"]
+    split = load_dataset(name, data_root)
+    if meta["dataset"] != split.info.name:
+        raise KDError(f"teacher run {run_dir} was trained on '{meta['dataset']}', not '{split.info.name}'")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    logits, labels = predict(model, split.train, split.info, device=device)
+    return logits.cpu(), labels.cpu(), meta, split
+
+
+def export_proxy_job(run_dir: str | Path, out: str | Path, source: str = "auto", alpha: float | None = None,
+                     data_root: str | None = None, device: str = "auto") -> Path:
+    """`kd proxy export`: write a C-matrix artifact for any trained network run.
+
+    ``source``: ``learned`` (an LS++ run's own C), ``measured`` (class means of the
+    network's training-set softmax, diagonal removed, rows renormalised) or ``auto``
+    (learned where there is one).
+    """
+    from kd.errors import KDError
+    from teachers import DEFAULT_ALPHA
+    from teachers.proxy import measure_c_matrix
+
+    run_dir, out = Path(run_dir), Path(out)
+    if out.exists():
+        raise KDError(f"{out} already exists; choose a new --out (nothing was written)")
+    meta = runs.read_summary(run_dir)
+    has_learned = (run_dir / runs.C_MATRIX).is_file()
+    if source == "auto":
+        source = "learned" if has_learned else "measured"
+    if source == "learned":
+        if not has_learned:
+            raise KDError(f"{run_dir} has no learned C-matrix (not an LS++ run); use --from measured")
+        c, cmeta = runs.load_c_matrix(run_dir)
+        a = alpha if alpha is not None else cmeta["alpha"]
+        names = cmeta.get("class_names") or meta.get("class_names")
+    else:
+        logits, labels, meta, split = _teacher_train_logits(run_dir, None, data_root, device)
+        c = measure_c_matrix(logits.softmax(-1), labels, split.info.num_classes)
+        a = alpha if alpha is not None else (meta.get("alpha") or DEFAULT_ALPHA)
+        names = split.info.class_names
+    out.parent.mkdir(parents=True, exist_ok=True)
+    runs.save_c_matrix(out, c, a, names, {"source": f"lspp-{source}" if source == "learned" else "measured",
+                                          "dataset": meta.get("dataset", ""), "teacher_run": str(run_dir)})
+    return out
+
+
+def cache_job(run_dir: str | Path, dataset: str | None, out: str | Path, data_root: str | None = None,
+              device: str = "auto") -> Path:
+    """`kd teacher cache`: the teacher's logits for every training sample, in data set order."""
+    from kd.errors import KDError
+    from teachers.cached import save_cache
+
+    out = Path(out)
+    if out.exists():
+        raise KDError(f"{out} already exists; choose a new --out (nothing was written)")
+    logits, _, meta, split = _teacher_train_logits(Path(run_dir), dataset, data_root, device)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_cache(out, logits, split.info.name, str(run_dir))
+    return out

@@ -1,0 +1,64 @@
+"""Offline knowledge distillation: teacher logits computed once per training sample, gathered by index.
+
+Cached rows describe the *un-augmented* training inputs: with random augmentation on, the
+student sees a cropped or flipped image but learns the teacher's output for the original.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from kd import runs
+from kd.errors import KDError
+from kd.losses import soft_cross_entropy
+from kd.sources import TargetSource
+
+
+class CachedTeacher(TargetSource):
+    """Targets = softmax(cached_logits[index]): an N x K table gathered by sample index."""
+
+    needs_index = True
+
+    def __init__(self, logits: torch.Tensor):
+        logits = torch.as_tensor(logits, dtype=torch.float32)
+        super().__init__(logits.shape[1])
+        self.register_buffer("probs", logits.softmax(-1), persistent=False)
+
+    def targets(self, labels, *, inputs=None, index=None):
+        if index is None:
+            raise ValueError("a cached teacher needs the sample indices of the batch")
+        return self.probs[index]
+
+    def loss_terms(self, logits, labels, *, inputs=None, index=None):
+        return {"ce": soft_cross_entropy(logits, self.targets(labels, index=index))}
+
+
+def save_cache(path: Path, logits: torch.Tensor, dataset: str, teacher_run: str) -> None:
+    meta = {"format": "proxykd-teacher-cache-v1", "dataset": dataset, "teacher_run": teacher_run,
+            "num_samples": str(logits.shape[0]), "num_classes": str(logits.shape[1])}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({"logits": logits.detach().float().cpu().contiguous()}, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
+
+def load_cache(path: str | Path, dataset: str | None = None, num_samples: int | None = None,
+               num_classes: int | None = None) -> CachedTeacher:
+    """A cached teacher, checked against the data set it will be used with."""
+    path = Path(path)
+    tensors = runs._load_safetensors(path)
+    if "logits" not in tensors:
+        raise KDError(f"{path} holds no tensor 'logits'; make one with `kd teacher cache RUN_DIR --out {path}`")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    logits = tensors["logits"]
+    if dataset is not None and meta.get("dataset") not in (None, dataset):
+        raise KDError(f"{path} caches outputs for data set '{meta['dataset']}', not '{dataset}'")
+    if num_samples is not None and logits.shape[0] != num_samples:
+        raise KDError(f"{path} has {logits.shape[0]} rows but the training set has {num_samples} samples")
+    if num_classes is not None and logits.shape[1] != num_classes:
+        raise KDError(f"{path} has K={logits.shape[1]} classes but the data set has {num_classes}")
+    return CachedTeacher(logits)

@@ -1,0 +1,87 @@
+"""Online knowledge distillation: a frozen teacher network run on every batch.
+
+By default the student is trained with cross-entropy on the teacher's probabilities (the
+paper's Table 6 protocol). With a temperature it uses Hinton et al.'s loss instead:
+(1 - w) * T^2 * KL(softmax(t/T) || softmax(s/T)) + w * CE(y, s).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kd import runs
+from kd.errors import KDError
+from kd.losses import hinton_kd_loss, soft_cross_entropy
+from kd.sources import TargetSource
+
+
+class NetworkTeacher(TargetSource):
+    """A frozen teacher: eval mode always, no gradient, never in the optimiser."""
+
+    needs_inputs = True
+
+    def __init__(self, teacher: nn.Module, num_classes: int, temperature: float | None = None,
+                 hard_weight: float = 0.0, input_affine: tuple[torch.Tensor, torch.Tensor] | None = None):
+        super().__init__(num_classes)
+        self.teacher = teacher.eval()
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.temperature = temperature
+        self.hard_weight = float(hard_weight)
+        if input_affine is not None:  # maps the student's normalised inputs to the teacher's
+            self.register_buffer("in_scale", input_affine[0], persistent=False)
+            self.register_buffer("in_shift", input_affine[1], persistent=False)
+        else:
+            self.in_scale = self.in_shift = None
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()  # a frozen teacher never switches to train mode (BN stats, dropout)
+        return self
+
+    @torch.no_grad()
+    def teacher_logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        if self.in_scale is not None:
+            inputs = inputs * self.in_scale + self.in_shift
+        return self.teacher(inputs).float()
+
+    def targets(self, labels, *, inputs=None, index=None):
+        if inputs is None:
+            raise ValueError("a network teacher needs the batch inputs")
+        return self.teacher_logits(inputs).softmax(-1)
+
+    def loss_terms(self, logits, labels, *, inputs=None, index=None):
+        t_logits = self.teacher_logits(inputs)
+        if self.temperature is None:
+            return {"ce": soft_cross_entropy(logits, t_logits.softmax(-1))}
+        if labels.is_floating_point():
+            raise NotImplementedError("Hinton KD with soft (mixed) labels is not implemented")
+        return {"kd": hinton_kd_loss(logits, t_logits, labels, self.temperature, self.hard_weight)}
+
+
+def load_teacher_network(run_dir: str | Path) -> tuple[nn.Module, dict]:
+    """Rebuild a finished run's network from its summary.json and model.safetensors."""
+    from kd.models import create_model
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise KDError(f"teacher run {run_dir} does not exist; train one with `kd train-teacher --out {run_dir}`")
+    s = runs.read_summary(run_dir)
+    try:
+        model = create_model(s["model"], s["num_classes"], s["in_channels"], s["image_size"])
+    except KeyError as e:
+        raise KDError(f"{run_dir}/summary.json lacks {e}; it was not written by kd train-teacher") from None
+    runs.load_weights(run_dir / runs.WEIGHTS, model)
+    return model.eval(), s
+
+
+def normalisation_affine(teacher_meta: dict, mean, std) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Affine map from inputs normalised with (mean, std) to the teacher's normalisation, or None."""
+    tm, ts = teacher_meta.get("mean"), teacher_meta.get("std")
+    if tm is None or (list(tm) == list(mean) and list(ts) == list(std)):
+        return None
+    mean, std = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
+    tm, ts = torch.tensor(tm).view(1, -1, 1, 1), torch.tensor(ts).view(1, -1, 1, 1)
+    return std / ts, (mean - tm) / ts
