@@ -102,7 +102,7 @@ def _cmd_teacher_cache(args) -> int:
 def _cmd_demo(args) -> int:
     from kd.demo import run_demo
 
-    run_demo(out=args.out, epochs=args.epochs, device=args.device)
+    run_demo(out=args.out, teacher_epochs=args.teacher_epochs, student_epochs=args.student_epochs, device=args.device)
     return 0
 
 
@@ -159,9 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     c.set_defaults(func=_cmd_teacher_cache)
 
-    p = sub.add_parser("demo", help="the main job on the bundled digits data, in about a minute")
+    p = sub.add_parser("demo", help="the main job on the bundled digits data: an LS++ teacher and four students")
     p.add_argument("--out", default=None, help="keep the run directories here (default: a temporary directory)")
-    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--teacher-epochs", type=int, default=15)
+    p.add_argument("--student-epochs", type=int, default=30)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.set_defaults(func=_cmd_demo)
     return parser

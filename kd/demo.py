@@ -1,4 +1,8 @@
-"""`kd demo`: the main job on scikit-learn's digits, small enough for two CPU cores."""
+"""`kd demo`: the main job on scikit-learn's digits, small enough for two CPU cores.
+
+An LS++ teacher (a small-input ResNet18), then LeNet students from 1-hot, LS, the teacher
+network run online, and the teacher's C-matrix (PT-LS++), printed as one table.
+"""
 from __future__ import annotations
 
 import tempfile
@@ -6,18 +10,30 @@ from pathlib import Path
 
 from kd.config import TrainConfig
 
+TEACHER_MODEL = "resnet18"
+STUDENT_MODEL = "lenet"
 
-def _table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
-    """A markdown table; cols are (key, header, format)."""
+
+def markdown_table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
+    """A markdown table; cols are (key, header, format spec)."""
     head = "| " + " | ".join(h for _, h, _ in cols) + " |"
     sep = "|" + "|".join("---" for _ in cols) + "|"
     body = ["| " + " | ".join(format(r[k], f) for k, _, f in cols) + " |" for r in rows]
     return "\n".join([head, sep, *body])
 
 
-def run_demo(out: str | None = None, epochs: int = 30, device: str = "auto") -> list[dict]:
+RESULT_COLS = [("run", "run", "s"), ("acc", "test acc", ".4f"), ("nll", "NLL", ".4f"), ("ece", "ECE", ".4f"),
+               ("s_epoch", "s/epoch", ".3f")]
+
+
+def _row(name: str, summary: dict) -> dict:
+    return {"run": name, "acc": summary["test_acc"], "nll": summary["test_nll"], "ece": summary["test_ece"],
+            "s_epoch": summary["seconds_per_epoch"]}
+
+
+def run_demo(out: str | None = None, teacher_epochs: int = 15, student_epochs: int = 30, device: str = "auto") -> list[dict]:
     from kd import runs
-    from kd.jobs import train_teacher_job
+    from kd.jobs import distill_job, train_teacher_job
 
     tmp = None
     if out is None:
@@ -27,21 +43,26 @@ def run_demo(out: str | None = None, epochs: int = 30, device: str = "auto") -> 
         base = runs.prepare_run_dir(out)
     rows = []
     try:
-        for method in ("onehot", "lspp"):
-            cfg = TrainConfig(method=method, dataset="digits", epochs=epochs, device=device)
-            print(f"training a {method} teacher on digits ({epochs} epochs) ...")
-            r = train_teacher_job(cfg, base / f"teacher-{method}", progress=False, log=None)
-            s = r.summary
-            rows.append({"run": f"teacher {method}", "acc": s["test_acc"], "nll": s["test_nll"], "ece": s["test_ece"],
-                         "s_epoch": s["seconds_per_epoch"]})
+        teacher_dir = base / "teacher-lspp"
+        print(f"training an LS++ {TEACHER_MODEL} teacher on digits ({teacher_epochs} epochs) ...")
+        t = train_teacher_job(TrainConfig(method="lspp", model=TEACHER_MODEL, epochs=teacher_epochs, device=device),
+                              teacher_dir, progress=False, log=None)
+        rows.append(_row(f"teacher {TEACHER_MODEL} (LS++)", t.summary))
+        for spec in ("onehot", "ls", f"network:{teacher_dir}", f"proxy:{teacher_dir}"):
+            kind = spec.partition(":")[0]
+            print(f"distilling a {STUDENT_MODEL} student from {kind} ({student_epochs} epochs) ...")
+            cfg = TrainConfig(teacher=spec, model=STUDENT_MODEL, epochs=student_epochs, device=device)
+            s = distill_job(cfg, base / f"student-{kind}", progress=False, log=None)
+            label = {"network": "LS++ network (online KD)", "proxy": "PT-LS++ (C-matrix)"}.get(kind, kind)
+            rows.append(_row(f"student {STUDENT_MODEL} <- {label}", s.summary))
         print()
-        print(_table(rows, [("run", "run", "s"), ("acc", "test acc", ".4f"), ("nll", "NLL", ".4f"),
-                            ("ece", "ECE", ".4f"), ("s_epoch", "s/epoch", ".3f")]))
-        c, meta = runs.load_c_matrix(base / "teacher-lspp")
+        print(markdown_table(rows, RESULT_COLS))
+        c, meta = runs.load_c_matrix(teacher_dir)
         names = meta["class_names"]
         print("\nWhat the LS++ C-matrix learned: each class's strongest non-target class")
-        print(_table([{"cls": names[i], "nb": names[int(c[i].argmax())], "w": float(c[i].max())} for i in range(len(c))],
-                     [("cls", "class", "s"), ("nb", "closest class", "s"), ("w", "C weight", ".3f")]))
+        print(markdown_table([{"cls": names[i], "nb": names[int(c[i].argmax())], "w": float(c[i].max())}
+                              for i in range(len(c))],
+                             [("cls", "class", "s"), ("nb", "closest class", "s"), ("w", "C weight", ".3f")]))
         if out is not None:
             print(f"\nrun directories: {base}")
     finally:

@@ -103,3 +103,18 @@ def test_cli_error_has_no_traceback_through_a_real_process(tmp_path):
     r = run_cli("train-teacher", "--model", "nonet", "--out", tmp_path / "x")
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0
+
+
+def test_paper_recipes_are_valid_configs():
+    from kd.config import TrainConfig, load_yaml_config
+
+    files = sorted((ROOT / "configs" / "paper").rglob("*.yaml"))
+    assert len(files) == 43
+    for f in files:
+        cfg = TrainConfig.from_dict(load_yaml_config(f), where=str(f)).validate()
+        assert cfg.epochs == 200 and cfg.dataset in ("cifar100", "tinyimagenet")
+        if f.name.startswith("student-"):
+            kind, _, path = cfg.teacher.partition(":")
+            assert kind in ("network", "proxy") and path.startswith(f"runs/paper/{cfg.dataset}/teacher-")
+    script = (ROOT / "configs" / "paper" / "table6.sh").read_text()
+    assert all(str(f.relative_to(ROOT)) in script for f in files)
