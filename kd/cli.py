@@ -99,6 +99,52 @@ def _cmd_teacher_cache(args) -> int:
     return 0
 
 
+def _cmd_bench(args) -> int:
+    from pathlib import Path
+
+    from benchmarks.cost import markdown, run_bench
+
+    out = Path(args.out) if args.out else None
+    if out is not None and out.exists():
+        raise KDError(f"{out} already exists; choose a new --out (nothing was written)")
+    sources = tuple(s.strip() for s in args.sources.split(",") if s.strip())
+    df = run_bench(args.preset, args.device, args.batch_size, args.steps, args.repeats, args.warmup, args.amp,
+                   args.channels_last, sources, args.data, args.data_root, log=None if args.quiet else print)
+    print(markdown(df))
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        df.to_csv(out, index=False)
+        print(f"rows -> {out}")
+    return 0
+
+
+def _cmd_loader_bench(args) -> int:
+    import json
+    from pathlib import Path
+
+    from benchmarks.loader import loader_ratio
+
+    out = Path(args.out) if args.out else None
+    if out is not None and out.exists():
+        raise KDError(f"{out} already exists; choose a new --out (nothing was written)")
+    r = loader_ratio(args.dataset, args.model, args.batch_size, args.repeats, args.data_root, args.device,
+                     log=None if args.quiet else print)
+    print(f"{r['dataset']} / {r['model']}: real-loader epoch {r['real_epoch_s_median']:.2f}s, in-memory epoch "
+          f"{r['memory_epoch_s_median']:.2f}s, ratio {r['ratio']:.3f} (medians of {r['repeats']})")
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(r, indent=2) + "\n")
+    return 0
+
+
+def _cmd_sweep(args) -> int:
+    from benchmarks.accuracy import run_sweep, summary_table
+
+    df = run_sweep(args.file, log=None if args.quiet else print)
+    print(summary_table(df))
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from kd.demo import run_demo
 
@@ -158,6 +204,47 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--data-root", default=None)
     c.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     c.set_defaults(func=_cmd_teacher_cache)
+
+    from benchmarks.cost import PRESETS, SOURCES
+
+    p = sub.add_parser("bench", help="time one training step per teacher source, side by side",
+                       description="Time a full training step of a preset's student for each target source "
+                       "(bare PyTorch loop, onehot, ls, proxy, cached, network, lspp), interleaved over repeats; "
+                       "prints medians and ratios to onehot.")
+    p.add_argument("--preset", required=True, choices=list(PRESETS))
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the preset's for the device")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per repeat (default 10 on CPU, 20 on CUDA; with --data one epoch)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per source before timing")
+    p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--sources", default=",".join(SOURCES), help="comma-separated subset of " + ",".join(SOURCES))
+    p.add_argument("--data", default=None, metavar="DATASET", help="draw batches from this real data set's loader instead of synthetic tensors")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--out", default=None, metavar="FILE.csv", help="also write the rows as CSV (new file)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("loader-bench", help="real-loader epoch time against the same steps on in-memory batches",
+                       description="Times one training epoch through the real loader (batch augmentation included) "
+                       "against the same steps on batches materialised beforehand; prints the ratio of medians.")
+    p.add_argument("--dataset", default="fashion-mnist")
+    p.add_argument("--model", default=None)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--out", default=None, metavar="FILE.json")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_loader_bench)
+
+    p = sub.add_parser("sweep", help="a grid of runs x seeds from one YAML file, resumable",
+                       description="Run every (run, seed) of a sweep file, skipping finished runs, then write a tidy "
+                       "CSV and a markdown table of mean +- std over seeds. See benchmarks/accuracy.py for the format.")
+    p.add_argument("file")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_sweep)
 
     p = sub.add_parser("demo", help="the main job on the bundled digits data: an LS++ teacher and four students")
     p.add_argument("--out", default=None, help="keep the run directories here (default: a temporary directory)")

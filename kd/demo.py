@@ -1,7 +1,8 @@
 """`kd demo`: the main job on scikit-learn's digits, small enough for two CPU cores.
 
 An LS++ teacher (a small-input ResNet18), then LeNet students from 1-hot, LS, the teacher
-network run online, and the teacher's C-matrix (PT-LS++), printed as one table.
+network run online, and the teacher's C-matrix (PT-LS++), printed as one table, followed by
+what a student step costs with online KD, the proxy and 1-hot labels.
 """
 from __future__ import annotations
 
@@ -29,6 +30,18 @@ RESULT_COLS = [("run", "run", "s"), ("acc", "test acc", ".4f"), ("nll", "NLL", "
 def _row(name: str, summary: dict) -> dict:
     return {"run": name, "acc": summary["test_acc"], "nll": summary["test_nll"], "ece": summary["test_ece"],
             "s_epoch": summary["seconds_per_epoch"]}
+
+
+def print_cost_table(device: str = "auto", steps: int = 3, repeats: int = 5) -> None:
+    """What one student step costs with each teacher kind, measured side by side (see `kd bench`)."""
+    import torch
+
+    from benchmarks.cost import markdown, run_bench
+
+    dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    print(f"\nCost of one student training step on {dev} (`kd bench --preset digits` for the full table)")
+    df = run_bench("digits", dev, steps=steps, repeats=repeats, sources=("onehot", "proxy", "network"), log=None)
+    print(markdown(df))
 
 
 def run_demo(out: str | None = None, teacher_epochs: int = 15, student_epochs: int = 30, device: str = "auto") -> list[dict]:
@@ -63,6 +76,7 @@ def run_demo(out: str | None = None, teacher_epochs: int = 15, student_epochs: i
         print(markdown_table([{"cls": names[i], "nb": names[int(c[i].argmax())], "w": float(c[i].max())}
                               for i in range(len(c))],
                              [("cls", "class", "s"), ("nb", "closest class", "s"), ("w", "C weight", ".3f")]))
+        print_cost_table(device)
         if out is not None:
             print(f"\nrun directories: {base}")
     finally:

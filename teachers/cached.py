@@ -31,7 +31,7 @@ class CachedTeacher(TargetSource):
     def targets(self, labels, *, inputs=None, index=None):
         if index is None:
             raise ValueError("a cached teacher needs the sample indices of the batch")
-        return self.probs[index]
+        return self.probs.index_select(0, index)
 
     def loss_terms(self, logits, labels, *, inputs=None, index=None):
         return {"ce": soft_cross_entropy(logits, self.targets(labels, index=index))}

@@ -39,45 +39,53 @@ class LSPPLoss(TargetSource):
         self.alpha = _check_alpha(alpha)
         k = self.num_classes
         self.c_logits = nn.Parameter(torch.zeros(k, k - 1))
-        # Off-diagonal positions in row-major order match the (K, K-1) layout row by row.
-        self.register_buffer("_offdiag", ~torch.eye(k, dtype=torch.bool), persistent=False)
+        # Flat positions of the K x K matrix in a (K*(K-1) + 1)-vector: off-diagonal entries in
+        # row-major order (matching the (K, K-1) layout row by row), the diagonal at the extra slot.
+        offdiag = ~torch.eye(k, dtype=torch.bool)
+        index = torch.full((k, k), k * (k - 1), dtype=torch.long)
+        index[offdiag] = torch.arange(k * (k - 1))
+        self.register_buffer("_index", index, persistent=False)
+        # Row i: the K-1 columns other than i, in order (where row i of the (K, K-1) logits lands).
+        self.register_buffer("_offdiag_cols", torch.arange(k).expand(k, k)[offdiag].view(k, k - 1), persistent=False)
+
+    def _log_table(self, diagonal: float, offset: float) -> torch.Tensor:
+        """K x K matrix: offset + log C off the diagonal, ``diagonal`` on it."""
+        k = self.num_classes
+        log_rows = F.log_softmax(self.c_logits.float(), dim=1)
+        if offset:
+            log_rows = log_rows + offset
+        flat = torch.cat([log_rows.reshape(-1), log_rows.new_full((1,), diagonal)])
+        return flat[self._index]
 
     def log_c_matrix(self) -> torch.Tensor:
         """K x K log C: log-softmax of each row's K-1 logits, -inf on the diagonal."""
-        k = self.num_classes
-        log_rows = F.log_softmax(self.c_logits.float(), dim=1)
-        full = torch.full((k, k), -math.inf, device=log_rows.device, dtype=log_rows.dtype)
-        return full.masked_scatter(self._offdiag, log_rows)
+        return self._log_table(-math.inf, 0.0)
 
     def c_matrix(self) -> torch.Tensor:
         """The learned C-matrix, K x K probabilities: rows sum to 1, zero diagonal."""
         return self.log_c_matrix().exp()
 
+    def log_target_table(self) -> torch.Tensor:
+        """K x K log T with T = (1 - alpha) I + alpha C, exact in log space; row y is log t for class y."""
+        return self._log_table(math.log1p(-self.alpha), math.log(self.alpha))
+
     def log_targets(self, labels: torch.Tensor) -> torch.Tensor:
         """B x K log t, differentiable with respect to the C logits."""
-        log_c_rows = self.log_c_matrix()[labels]
-        is_target = F.one_hot(labels, self.num_classes).bool()
-        return torch.where(
-            is_target,
-            torch.full_like(log_c_rows, math.log1p(-self.alpha)),
-            math.log(self.alpha) + log_c_rows,
-        )
+        return self.log_target_table()[labels]
 
     def targets(self, labels, *, inputs=None, index=None):
-        if labels.is_floating_point():  # soft labels m: m @ ((1 - alpha) I + alpha C)
-            with torch.no_grad():
-                return labels.float() @ proxy_table(self.c_matrix(), self.alpha)
         with torch.no_grad():
-            return self.log_targets(labels).exp()
+            table = self.log_target_table().exp()
+            if labels.is_floating_point():  # soft labels m: m @ ((1 - alpha) I + alpha C)
+                return labels.float() @ table
+            return table[labels]
 
     def loss_terms(self, logits, labels, *, inputs=None, index=None):
         if labels.is_floating_point():
             raise NotImplementedError("LS++ with soft (mixed) labels is not implemented")
-        log_p = F.log_softmax(logits.float(), dim=-1)
-        log_t = self.log_targets(labels)
-        net_term = -(log_t.detach().exp() * log_p).sum(-1).mean()  # H(sg(t), p): trains the network
-        c_term = -(log_p.detach().exp() * log_t).sum(-1).mean()  # H(sg(p), t): trains C
-        return {"lspp_net": 0.5 * net_term, "lspp_c": 0.5 * c_term}
+        net_term, c_term = _LSPPTerms.apply(logits.float(), self.c_logits.float(), labels, self._index,
+                                            self._offdiag_cols, self.alpha)
+        return {"lspp_net": net_term, "lspp_c": c_term}
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The scalar LS++ loss for a batch."""
@@ -101,3 +109,42 @@ def train_teacher(model: nn.Module, train_data, test_data, config=None, *, num_c
     source = label_source(cfg.method, k, cfg.alpha)
     return fit(model, source, train_data, test_data, cfg, info=info, run_dir=run_dir, meta=meta,
                progress=progress, log=log)
+
+
+class _LSPPTerms(torch.autograd.Function):
+    """Both LS++ terms in one autograd node, with their gradients written out.
+
+    Forward: t = exp(log t) with log t exact (log(1 - alpha) at y, log(alpha) + log C[y] elsewhere),
+    net = 1/2 H(t, p), c = 1/2 H(p, t), batch means. Backward, per sample of class y:
+    d net / d logits = 1/2 (p - t) (the t-side is a stop-gradient), d net / d C = 0;
+    d c / d logits = 0 (the p-side is a stop-gradient), and for row y of the C logits
+    d c / d theta_y = 1/2 ((sum_{j != y} p_j) s_y - p_{-y}), s_y = softmax(theta_y).
+    One node instead of a dozen keeps the per-step cost close to plain cross-entropy.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, c_logits, labels, flat_index, offdiag_cols, alpha):
+        b = logits.shape[0]
+        log_p = F.log_softmax(logits, dim=1)
+        p = log_p.exp()
+        log_s = F.log_softmax(c_logits, dim=1)
+        flat = torch.cat([(log_s + math.log(alpha)).reshape(-1), log_s.new_full((1,), math.log1p(-alpha))])
+        log_t = flat.take(flat_index).index_select(0, labels)  # index_select: far cheaper than x[labels]
+        t = log_t.exp()
+        scale = 0.5 / b
+        net = (t * log_p).sum().mul_(-scale)
+        c = (p * log_t).sum().mul_(-scale)
+        ctx.save_for_backward(p, t, log_s, labels, offdiag_cols)
+        ctx.scale = scale
+        return net, c
+
+    @staticmethod
+    def backward(ctx, grad_net, grad_c):
+        p, t, log_s, labels, offdiag_cols = ctx.saved_tensors
+        grad_logits = (p - t).mul_(grad_net * ctx.scale)
+        q = p.gather(1, offdiag_cols.index_select(0, labels))  # p at each sample's non-target classes, B x (K-1)
+        q_by_class = torch.zeros_like(log_s).index_add_(0, labels, q)
+        mass_by_class = torch.zeros(log_s.shape[0], 1, dtype=p.dtype, device=p.device).index_add_(
+            0, labels, q.sum(1, keepdim=True))
+        grad_c_logits = (mass_by_class * log_s.exp()).sub_(q_by_class).mul_(grad_c * ctx.scale)
+        return grad_logits, grad_c_logits, None, None, None, None

@@ -41,11 +41,13 @@ class NetworkTeacher(TargetSource):
         self.teacher.eval()  # a frozen teacher never switches to train mode (BN stats, dropout)
         return self
 
-    @torch.no_grad()
     def teacher_logits(self, inputs: torch.Tensor) -> torch.Tensor:
-        if self.in_scale is not None:
-            inputs = inputs * self.in_scale + self.in_shift
-        return self.teacher(inputs).float()
+        """The teacher's logits under inference mode, returned as an ordinary constant tensor."""
+        with torch.inference_mode():
+            if self.in_scale is not None:
+                inputs = inputs * self.in_scale + self.in_shift
+            logits = self.teacher(inputs).float()
+        return logits.clone()  # an inference tensor cannot be saved for the student's backward
 
     def targets(self, labels, *, inputs=None, index=None):
         if inputs is None:

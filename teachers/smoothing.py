@@ -1,17 +1,17 @@
 """Label smoothing: alpha spread uniformly over all K classes, as torch's ``label_smoothing``."""
 from __future__ import annotations
 
-from kd.sources import TableSource, fused_label_cross_entropy, smoothing_table
+from kd.sources import TableSource, smoothing_table
 
 
 class LabelSmoothing(TableSource):
-    """Targets = (1 - alpha) * onehot(y) + alpha / K."""
+    """Targets = (1 - alpha) * onehot(y) + alpha / K.
+
+    Trained through the table (a row gather and the fused soft-target cross-entropy): equal in
+    value to ``F.cross_entropy(..., label_smoothing=alpha)`` and, measured with `kd bench`,
+    cheaper per step than torch's label-smoothing path, which is not fused.
+    """
 
     def __init__(self, num_classes: int, alpha: float = 0.1):
         super().__init__(smoothing_table(num_classes, alpha))
         self.alpha = float(alpha)
-
-    def loss_terms(self, logits, labels, *, inputs=None, index=None):
-        if labels.is_floating_point():
-            return super().loss_terms(logits, labels)
-        return {"ce": fused_label_cross_entropy(logits, labels, self.alpha)}

@@ -54,7 +54,7 @@ def test_each_term_trains_only_its_own_parameters():
     y = torch.randint(0, k, (b,), generator=g)
     loss_fn = LSPPLoss(k)
     terms = loss_fn.loss_terms(z, y)
-    gz, gc = torch.autograd.grad(terms["lspp_net"], [z, loss_fn.c_logits], allow_unused=True)
+    gz, gc = torch.autograd.grad(terms["lspp_net"], [z, loss_fn.c_logits], allow_unused=True, retain_graph=True)
     assert gz.abs().sum() > 0
     assert gc is None or torch.count_nonzero(gc) == 0  # network term leaves C untouched
     gz, gc = torch.autograd.grad(terms["lspp_c"], [z, loss_fn.c_logits], allow_unused=True)

@@ -22,3 +22,4 @@ def test_demo_prints_teacher_and_four_students(capsys):
     assert [r["run"].split(" <- ")[-1] for r in rows[1:]] == ["onehot", "ls", "LS++ network (online KD)", "PT-LS++ (C-matrix)"]
     assert all(0 <= r["acc"] <= 1 for r in rows)
     assert "| run | test acc | NLL | ECE | s/epoch |" in out and "closest class" in out
+    assert "| network |" in out and "network / proxy step time" in out

@@ -1,0 +1,58 @@
+"""The cost benchmark's logic on the digits preset (no timing is asserted)."""
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from benchmarks.cost import SOURCES, markdown, run_bench
+from conftest import ROOT
+
+COLUMNS = ["source", "step_ms_median", "step_ms_min", "step_ms_max", "images_per_s", "ratio_vs_onehot",
+           "device", "torch", "batch_size", "amp", "input_shape"]
+
+
+def test_every_source_has_a_row_and_ratios_come_from_medians():
+    df = run_bench("digits", steps=1, repeats=3, warmup=1, batch_size=16, log=None)
+    assert df["source"].tolist() == list(SOURCES)
+    assert set(COLUMNS) <= set(df.columns)
+    onehot = df.set_index("source").loc["onehot", "step_ms_median"]
+    for r in df.itertuples():
+        assert r.step_ms_min <= r.step_ms_median <= r.step_ms_max
+        assert r.ratio_vs_onehot == pytest.approx(r.step_ms_median / onehot)
+        assert r.images_per_s == pytest.approx(16 / r.step_ms_median * 1000)
+    assert (df["input_shape"] == "1x8x8").all() and (df["batch_size"] == 16).all()
+    text = markdown(df)
+    assert "| network |" in text and "network / proxy step time" in text
+
+
+def test_real_data_mode_draws_batches_from_the_loader():
+    df = run_bench("digits", steps=2, repeats=1, warmup=0, sources=("onehot", "cached"), data="digits", log=None)
+    assert df["data"].tolist() == ["digits", "digits"] and (df["steps"] == 2).all()
+
+
+def test_cli_writes_the_same_rows_as_csv_and_refuses_to_overwrite(tmp_path, kd_main):
+    out = tmp_path / "cost.csv"
+    code, stdout, err = kd_main("bench", "--preset", "digits", "--steps", 1, "--repeats", 1, "--warmup", 0,
+                                "--sources", "onehot,proxy,network", "--out", out, "--quiet")
+    assert code == 0, err
+    df = pd.read_csv(out)
+    assert df["source"].tolist() == ["onehot", "proxy", "network"]
+    assert "| proxy |" in stdout
+    code, _, err = kd_main("bench", "--preset", "digits", "--out", out)
+    assert code == 2 and "already exists" in err
+    code, _, err = kd_main("bench", "--preset", "digits", "--sources", "onehot,teleport")
+    assert code == 2 and "unknown source 'teleport'" in err
+
+
+def test_gpu_script_logic_runs_every_preset_on_cpu(tmp_path):
+    env = {**os.environ, "DEVICE": "cpu", "AMP": "none", "STEPS": "1", "REPEATS": "1", "WARMUP": "0", "BATCH": "2",
+           "OUTDIR": str(tmp_path), "PYTHON": sys.executable}
+    r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh")], env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == sorted(f"cost_{p}_cpu.csv" for p in
+                           ("tinyimagenet-r101-shufflenet", "cifar100-r34-r18", "fmnist-lenet", "digits"))
+    df = pd.read_csv(tmp_path / "cost_tinyimagenet-r101-shufflenet_cpu.csv")
+    assert df["source"].tolist() == list(SOURCES) and (df["channels_last"]).all()
