@@ -57,28 +57,25 @@ def config_from_args(args: argparse.Namespace, skip: tuple[str, ...] = ()) -> "T
     return cfg.updated(given, where="flags").validate()
 
 
-def _cmd_train_teacher(args) -> int:
-    from kd.jobs import train_teacher_job
+def _train(args, student: bool) -> int:
+    """`kd train-teacher` and `kd distill`: resolve the config, run the job, print the final metrics."""
+    from kd.jobs import distill_job, train_teacher_job
 
     cfg = config_from_args(args)
-    log = None if args.quiet else print
-    result = train_teacher_job(cfg, args.out, progress=not args.quiet, log=log)
-    s = result.summary
-    print(f"{cfg.method} teacher -> {args.out}: acc {s['test_acc']:.4f}  nll {s['test_nll']:.4f}  "
-          f"ece {s['test_ece']:.4f}  ({s['train_seconds']:.1f}s)")
+    job = distill_job if student else train_teacher_job
+    s = job(cfg, args.out, progress=not args.quiet, log=None if args.quiet else print).summary
+    what = f"student {s['model']} from {cfg.teacher}" if student else f"{cfg.method} teacher {s['model']}"
+    print(f"{what} -> {args.out}: acc {s['test_acc']:.4f}  nll {s['test_nll']:.4f}  ece {s['test_ece']:.4f}  "
+          f"({s['seconds_per_epoch']:.2f}s/epoch)")
     return 0
+
+
+def _cmd_train_teacher(args) -> int:
+    return _train(args, student=False)
 
 
 def _cmd_distill(args) -> int:
-    from kd.jobs import distill_job
-
-    cfg = config_from_args(args)
-    log = None if args.quiet else print
-    result = distill_job(cfg, args.out, progress=not args.quiet, log=log)
-    s = result.summary
-    print(f"student {s['model']} from {cfg.teacher} -> {args.out}: acc {s['test_acc']:.4f}  "
-          f"nll {s['test_nll']:.4f}  ece {s['test_ece']:.4f}  ({s['seconds_per_epoch']:.2f}s/epoch)")
-    return 0
+    return _train(args, student=True)
 
 
 def _cmd_proxy_export(args) -> int:
@@ -100,13 +97,11 @@ def _cmd_teacher_cache(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    from pathlib import Path
-
     from benchmarks.cost import markdown, run_bench
 
-    out = Path(args.out) if args.out else None
-    if out is not None and out.exists():
-        raise KDError(f"{out} already exists; choose a new --out (nothing was written)")
+    from kd.runs import check_new_file
+
+    out = check_new_file(args.out) if args.out else None
     sources = tuple(s.strip() for s in args.sources.split(",") if s.strip())
     df = run_bench(args.preset, args.device, args.batch_size, args.steps, args.repeats, args.warmup, args.amp,
                    args.channels_last, sources, args.data, args.data_root, log=None if args.quiet else print)
@@ -120,17 +115,17 @@ def _cmd_bench(args) -> int:
 
 def _cmd_loader_bench(args) -> int:
     import json
-    from pathlib import Path
 
     from benchmarks.loader import loader_ratio
 
-    out = Path(args.out) if args.out else None
-    if out is not None and out.exists():
-        raise KDError(f"{out} already exists; choose a new --out (nothing was written)")
+    from kd.runs import check_new_file
+
+    out = check_new_file(args.out) if args.out else None
     r = loader_ratio(args.dataset, args.model, args.batch_size, args.repeats, args.data_root, args.device,
                      log=None if args.quiet else print)
     print(f"{r['dataset']} / {r['model']}: real-loader epoch {r['real_epoch_s_median']:.2f}s, in-memory epoch "
-          f"{r['memory_epoch_s_median']:.2f}s, ratio {r['ratio']:.3f} (medians of {r['repeats']})")
+          f"{r['memory_epoch_s_median']:.2f}s, ratio {r['ratio']:.3f} (medians of {r['repeats']}; "
+          f"paired {r['paired_ratio']:.3f})")
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(r, indent=2) + "\n")
@@ -232,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="fashion-mnist")
     p.add_argument("--model", default=None)
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=11)
     p.add_argument("--data-root", default=None)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--out", default=None, metavar="FILE.json")

@@ -10,6 +10,7 @@ from kd import runs
 from kd.config import TrainConfig
 from kd.data import DataSplit, load_dataset
 from kd.engine import FitResult, fit, predict
+from kd.errors import KDError
 from kd.models import create_model
 
 
@@ -60,8 +61,6 @@ def distill_job(cfg: TrainConfig, out: str | Path, progress: bool = True, log=pr
 
     cfg.validate()
     if not cfg.teacher:
-        from kd.errors import KDError
-
         raise KDError("--teacher SPEC is required")
     runs.check_new_run_dir(out)
     split = load_dataset(cfg.dataset, cfg.data_root, cfg.download)
@@ -80,7 +79,6 @@ def distill_job(cfg: TrainConfig, out: str | Path, progress: bool = True, log=pr
 
 
 def _teacher_train_logits(run_dir: Path, dataset: str | None, data_root: str | None, device: str):
-    from kd.errors import KDError
     from teachers.network import load_teacher_network
 
     model, meta = load_teacher_network(run_dir)
@@ -102,13 +100,10 @@ def export_proxy_job(run_dir: str | Path, out: str | Path, source: str = "auto",
     network's training-set softmax, diagonal removed, rows renormalised) or ``auto``
     (learned where there is one).
     """
-    from kd.errors import KDError
     from teachers import DEFAULT_ALPHA
     from teachers.proxy import measure_c_matrix
 
-    run_dir, out = Path(run_dir), Path(out)
-    if out.exists():
-        raise KDError(f"{out} already exists; choose a new --out (nothing was written)")
+    run_dir, out = Path(run_dir), runs.check_new_file(out)
     meta = runs.read_summary(run_dir)
     has_learned = (run_dir / runs.C_MATRIX).is_file()
     if source == "auto":
@@ -133,12 +128,9 @@ def export_proxy_job(run_dir: str | Path, out: str | Path, source: str = "auto",
 def cache_job(run_dir: str | Path, dataset: str | None, out: str | Path, data_root: str | None = None,
               device: str = "auto") -> Path:
     """`kd teacher cache`: the teacher's logits for every training sample, in data set order."""
-    from kd.errors import KDError
     from teachers.cached import save_cache
 
-    out = Path(out)
-    if out.exists():
-        raise KDError(f"{out} already exists; choose a new --out (nothing was written)")
+    out = runs.check_new_file(out)
     logits, _, meta, split = _teacher_train_logits(Path(run_dir), dataset, data_root, device)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_cache(out, logits, split.info.name, str(run_dir))

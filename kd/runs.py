@@ -29,6 +29,14 @@ def check_new_run_dir(out: str | Path) -> Path:
     return p
 
 
+def check_new_file(out: str | Path) -> Path:
+    """Refuse an output file that already exists, so that nothing is overwritten."""
+    p = Path(out)
+    if p.exists():
+        raise KDError(f"{p} already exists; choose a new --out (nothing was written)")
+    return p
+
+
 def prepare_run_dir(out: str | Path) -> Path:
     """Create ``out`` after :func:`check_new_run_dir`."""
     p = check_new_run_dir(out)

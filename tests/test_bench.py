@@ -56,3 +56,12 @@ def test_gpu_script_logic_runs_every_preset_on_cpu(tmp_path):
                            ("tinyimagenet-r101-shufflenet", "cifar100-r34-r18", "fmnist-lenet", "digits"))
     df = pd.read_csv(tmp_path / "cost_tinyimagenet-r101-shufflenet_cpu.csv")
     assert df["source"].tolist() == list(SOURCES) and (df["channels_last"]).all()
+
+
+def test_loader_ratio_times_real_and_in_memory_epochs_of_the_same_steps():
+    from benchmarks.loader import loader_ratio
+
+    r = loader_ratio("digits", batch_size=64, repeats=2, log=None)
+    assert r["steps_per_epoch"] == 1347 // 64
+    assert r["real_epoch_s_median"] > 0 and r["memory_epoch_s_median"] > 0
+    assert r["ratio"] == pytest.approx(r["real_epoch_s_median"] / r["memory_epoch_s_median"])

@@ -30,6 +30,25 @@ def test_pad_and_crop_is_a_shifted_window_and_flip_mirrors():
     assert any(torch.equal(f[0], x[0].flip(2)) for f in flips)
 
 
+def test_crop_and_flip_together_give_a_window_or_its_mirror():
+    x = torch.arange(3 * 2 * 6 * 6, dtype=torch.uint8).view(3, 2, 6, 6)
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1))
+    for seed in range(10):
+        out = augment_batch(x, 1, True, torch.Generator().manual_seed(seed))
+        for i in range(3):
+            windows = [padded[i, :, r:r + 6, c:c + 6] for r in range(3) for c in range(3)]
+            assert any(torch.equal(out[i], w) or torch.equal(out[i], w.flip(2)) for w in windows)
+
+
+def test_normalisation_matches_the_formula():
+    from kd.data import BatchTransform
+
+    x = torch.randint(0, 256, (4, 3, 5, 5), dtype=torch.uint8)
+    tf = BatchTransform(255.0, (0.1, 0.2, 0.3), (0.5, 0.6, 0.7))
+    mean, std = torch.tensor([0.1, 0.2, 0.3]).view(1, 3, 1, 1), torch.tensor([0.5, 0.6, 0.7]).view(1, 3, 1, 1)
+    torch.testing.assert_close(tf(x, train=False), (x.float() / 255 - mean) / std)
+
+
 def test_tensor_loader_covers_each_sample_once_per_epoch_and_shards():
     x = torch.arange(10).float().view(10, 1)
     y = torch.arange(10)

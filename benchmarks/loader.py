@@ -1,0 +1,67 @@
+"""Does the data loader stall training? One epoch through the real loader against the same steps
+on batches already materialised in memory, interleaved over repeats, same model and optimiser.
+
+ratio = median(real-loader epoch) / median(in-memory epoch); 1.00 means loading is free.
+paired_ratio = median over repeats of the two epochs' ratio within the repeat (steadier under drift).
+"""
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+
+import torch
+
+
+def loader_ratio(dataset: str = "fashion-mnist", model: str | None = None, batch_size: int = 128,
+                 repeats: int = 5, data_root: str | None = None, device: str = "cpu", log=print) -> dict:
+    from benchmarks.cost import _sync, device_name
+    from kd.config import TrainConfig
+    from kd.data import load_dataset
+    from kd.engine import Objective, build_optimizer, lr_lambda, make_accelerator, make_loader, step_functions, train_step
+    from kd.models import create_model
+    from teachers.onehot import OneHot
+
+    split = load_dataset(dataset, data_root)
+    info = split.info
+    name = model or info.default_model
+    cfg = TrainConfig(dataset=dataset, model=name, batch_size=batch_size, device=device)
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    net0 = create_model(name, info.num_classes, info.channels, info.image_size)
+
+    def make_step():
+        accelerator = make_accelerator(cfg)
+        obj = Objective(copy.deepcopy(net0), OneHot(info.num_classes)).to(dev)
+        opt = build_optimizer(obj, cfg)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, 10**6))
+        prepared, opt = accelerator.prepare(obj, opt)
+        opt, backward = step_functions(opt, accelerator)
+        return lambda x, y, i: train_step(prepared, opt, sched, backward, x, y, i)
+
+    real_loader = make_loader(split.train, info, cfg, train=True, device=dev)
+    real_step, mem_step = make_step(), make_step()
+    batches = list(make_loader(split.train, info, cfg, train=True, device=dev))  # augmented once, kept
+    real_times, mem_times = [], []
+    for rep in range(repeats + 1):  # the first round is a warm-up
+        real_loader.set_epoch(rep)
+        pairs = [("real", real_times), ("memory", mem_times)]
+        for kind, times in (pairs if rep % 2 == 0 else pairs[::-1]):
+            _sync(dev)
+            t0 = time.perf_counter()
+            if kind == "real":
+                for x, y, i in real_loader:
+                    real_step(x, y, i)
+            else:
+                for x, y, i in batches:
+                    mem_step(x, y, i)
+            _sync(dev)
+            if rep > 0:
+                times.append(time.perf_counter() - t0)
+        if log and rep > 0:
+            log(f"repeat {rep}/{repeats}: real loader {real_times[-1]:.2f}s, in memory {mem_times[-1]:.2f}s")
+    return {"dataset": info.name, "model": name, "batch_size": batch_size, "steps_per_epoch": len(batches),
+            "real_epoch_s_median": statistics.median(real_times), "memory_epoch_s_median": statistics.median(mem_times),
+            "ratio": statistics.median(real_times) / statistics.median(mem_times),
+            "paired_ratio": statistics.median(a / b for a, b in zip(real_times, mem_times)), "repeats": repeats,
+            "device": device_name(dev), "torch": torch.__version__}

@@ -1,0 +1,76 @@
+"""`kd sweep`: a grid x seeds, resumable, summarised as a tidy CSV and a mean +- std table."""
+import pandas as pd
+import pytest
+
+from benchmarks.accuracy import load_sweep, run_sweep, summary_table
+from kd.errors import KDError
+
+SWEEP = """
+runs_dir: {d}/runs
+results: {d}/results/toy
+seeds: [0, 1]
+base: {{dataset: digits, model: mlp, epochs: 1, device: cpu}}
+runs:
+  - {{name: teacher lspp, verb: train-teacher, method: lspp, seeds: [0], table: false}}
+  - {{name: proxy measured, verb: proxy-export, run: teacher lspp, from: measured, seeds: [0]}}
+  - {{name: alone, verb: distill, teacher: onehot}}
+  - {{name: pt-lspp, verb: distill, teacher: "proxy:{{runs_dir}}/teacher lspp/seed0"}}
+  - {{name: pt-measured, verb: distill, teacher: "proxy:{{runs_dir}}/proxy measured/seed0"}}
+"""
+
+
+def test_sweep_runs_the_grid_writes_tidy_results_and_resumes(tmp_path):
+    f = tmp_path / "sweep.yaml"
+    f.write_text(SWEEP.format(d=tmp_path))
+    df = run_sweep(f, log=None)
+    assert sorted(zip(df["name"], df["seed"])) == sorted(
+        (n, s) for n in ("alone", "pt-lspp", "pt-measured") for s in (0, 1))
+    csv = pd.read_csv(tmp_path / "results" / "toy.csv")
+    assert {"name", "seed", "teacher", "model", "test_acc", "test_nll", "test_ece"} <= set(csv.columns)
+    md = (tmp_path / "results" / "toy.md").read_text()
+    g = csv[csv.name == "alone"]
+    assert f"{g.test_acc.mean() * 100:.2f} ± {g.test_acc.std(ddof=1) * 100:.2f}" in md
+
+    # An interrupted run (directory without summary) is moved aside and redone; finished ones are skipped.
+    victim = tmp_path / "runs" / "alone" / "seed1"
+    (victim / "summary.json").unlink()
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("summary.json")}
+    run_sweep(f, log=None)
+    assert (victim / "summary.json").is_file()
+    assert len(list(victim.parent.glob("seed1.interrupted-*"))) == 1
+    assert all(p.stat().st_mtime_ns == t for p, t in before.items())
+
+
+def test_bad_sweep_files_are_refused_before_anything_runs(tmp_path):
+    f = tmp_path / "s.yaml"
+    f.write_text("runs_dir: r\nresults: x\nruns:\n  - {name: a, verb: fly}\n")
+    with pytest.raises(KDError, match="verb"):
+        load_sweep(f)
+    f.write_text("runs_dir: r\nresults: x\nruns:\n  - {name: a, verb: distill, teacher: onehot, epochz: 3}\n")
+    with pytest.raises(KDError, match="unknown key 'epochz'"):
+        load_sweep(f)
+    assert not (tmp_path / "r").exists()
+
+
+def test_summary_table_reports_mean_and_sample_std():
+    df = pd.DataFrame({"name": ["a", "a", "a"], "model": ["m"] * 3, "test_acc": [0.80, 0.82, 0.84],
+                       "test_nll": [0.5, 0.6, 0.7], "test_ece": [0.01, 0.02, 0.03]})
+    assert "| a | m | 3 | 82.00 ± 2.00 | 0.600 ± 0.100 | 2.00 ± 1.00 |" in summary_table(df)
+
+
+def test_committed_sweep_files_are_valid():
+    from conftest import ROOT
+
+    files = sorted((ROOT / "benchmarks" / "sweeps").glob("*.yaml"))
+    assert {f.name for f in files} >= {"fmnist_table3.yaml", "fmnist_table6.yaml"}
+    for f in files:
+        assert load_sweep(f)["runs"]
+
+
+def test_readme_results_table_is_the_committed_csv():
+    from conftest import ROOT
+
+    csv = ROOT / "benchmarks" / "results" / "fmnist_table3.csv"
+    table = summary_table(pd.read_csv(csv))
+    assert table in (ROOT / "README.md").read_text()
+    assert table in (ROOT / "benchmarks" / "results" / "fmnist_table3.md").read_text()
