@@ -60,10 +60,13 @@ def config_from_args(args: argparse.Namespace, skip: tuple[str, ...] = ()) -> "T
 def _train(args, student: bool) -> int:
     """`kd train-teacher` and `kd distill`: resolve the config, run the job, print the final metrics."""
     from kd.jobs import distill_job, train_teacher_job
+    from kd.runs import launch_rank
 
     cfg = config_from_args(args)
     job = distill_job if student else train_teacher_job
     s = job(cfg, args.out, progress=not args.quiet, log=None if args.quiet else print).summary
+    if launch_rank() != 0:
+        return 0
     what = f"student {s['model']} from {cfg.teacher}" if student else f"{cfg.method} teacher {s['model']}"
     print(f"{what} -> {args.out}: acc {s['test_acc']:.4f}  nll {s['test_nll']:.4f}  ece {s['test_ece']:.4f}  "
           f"({s['seconds_per_epoch']:.2f}s/epoch)")

@@ -72,7 +72,8 @@ def run_demo(out: str | None = None, teacher_epochs: int = 15, student_epochs: i
         print(markdown_table(rows, RESULT_COLS))
         c, meta = runs.load_c_matrix(teacher_dir)
         names = meta["class_names"]
-        print("\nWhat the LS++ C-matrix learned: each class's strongest non-target class")
+        print(f"\nWhat the LS++ C-matrix learned: each class's strongest non-target class "
+              f"(uniform would be {1 / (len(c) - 1):.3f}; C moves slowly over a short run)")
         print(markdown_table([{"cls": names[i], "nb": names[int(c[i].argmax())], "w": float(c[i].max())}
                               for i in range(len(c))],
                              [("cls", "class", "s"), ("nb", "closest class", "s"), ("w", "C weight", ".3f")]))

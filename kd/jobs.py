@@ -39,14 +39,14 @@ def train_teacher_job(cfg: TrainConfig, out: str | Path, progress: bool = True, 
     from teachers import DEFAULT_ALPHA, label_source
 
     cfg.validate()
-    runs.check_new_run_dir(out)
+    if runs.launch_rank() == 0:  # other ranks never touch the run directory
+        runs.check_new_run_dir(out)
     split = load_dataset(cfg.dataset, cfg.data_root, cfg.download)
     name, model = build_model(cfg, split)
     alpha = cfg.alpha if cfg.alpha is not None else DEFAULT_ALPHA
     source = label_source(cfg.method, split.info.num_classes, alpha)
-    run_dir = runs.prepare_run_dir(out)
     resolved = cfg.updated({"model": name, "alpha": alpha if cfg.method != "onehot" else None})
-    runs.write_config(run_dir, resolved.to_dict())
+    run_dir = runs.start_run(out, resolved.to_dict())
     meta = {"kind": "teacher", "method": cfg.method, "alpha": resolved.alpha, **model_meta(cfg, split, name)}
     return fit(model, source, split.train, split.test, resolved, info=split.info, run_dir=run_dir,
                meta=meta, progress=progress, log=log)
@@ -62,14 +62,14 @@ def distill_job(cfg: TrainConfig, out: str | Path, progress: bool = True, log=pr
     cfg.validate()
     if not cfg.teacher:
         raise KDError("--teacher SPEC is required")
-    runs.check_new_run_dir(out)
+    if runs.launch_rank() == 0:  # other ranks never touch the run directory
+        runs.check_new_run_dir(out)
     split = load_dataset(cfg.dataset, cfg.data_root, cfg.download)
     teacher = teacher_from_spec(cfg.teacher, split.info, len(split.train), alpha=cfg.alpha,
                                 temperature=cfg.temperature, hard_weight=cfg.hard_weight)
     name, student = build_model(cfg, split)
-    run_dir = runs.prepare_run_dir(out)
     resolved = cfg.updated({"model": name, "alpha": getattr(teacher, "alpha", None)})
-    runs.write_config(run_dir, resolved.to_dict())
+    run_dir = runs.start_run(out, resolved.to_dict())
     meta = {"kind": "student", "teacher": cfg.teacher, "teacher_kind": cfg.teacher.partition(":")[0],
             "alpha": resolved.alpha, **model_meta(cfg, split, name)}
     with warnings.catch_warnings():

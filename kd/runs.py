@@ -21,6 +21,11 @@ SUMMARY = "summary.json"
 METRIC_COLUMNS = ["epoch", "train_loss", "test_acc", "test_nll", "test_ece", "seconds"]
 
 
+def launch_rank() -> int:
+    """This process's rank under torchrun / accelerate launch (0 when run alone)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def check_new_run_dir(out: str | Path) -> Path:
     """Refuse an existing file or non-empty directory, so that nothing is overwritten."""
     p = Path(out)
@@ -42,6 +47,15 @@ def prepare_run_dir(out: str | Path) -> Path:
     p = check_new_run_dir(out)
     p.mkdir(parents=True, exist_ok=True)
     return p
+
+
+def start_run(out: str | Path, config: dict[str, Any]) -> Path:
+    """Create the run directory and write config.yaml; in a multi-process launch only rank 0 does."""
+    if launch_rank() != 0:
+        return Path(out)
+    run_dir = prepare_run_dir(out)
+    write_config(run_dir, config)
+    return run_dir
 
 
 def _atomic_write(path: Path, text: str) -> None:
