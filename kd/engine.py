@@ -19,6 +19,7 @@ from torch import nn
 from kd import runs
 from kd.config import TrainConfig
 from kd.data import BatchTransform, DatasetInfo, ImageTensors, IndexedDataset, TensorLoader
+from kd.errors import KDError
 from kd.metrics import classification_metrics
 from kd.sources import TargetSource
 
@@ -54,8 +55,6 @@ def make_accelerator(cfg: TrainConfig):
 
     cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
     if cfg.device == "cuda" and not torch.cuda.is_available():
-        from kd.errors import KDError
-
         raise KDError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
     return Accelerator(cpu=cpu, mixed_precision="no" if cfg.amp == "none" else cfg.amp)
 
@@ -205,8 +204,6 @@ def fit(model: nn.Module, source: TargetSource, train_data, test_data, cfg: Trai
     test_loader = make_loader(test_data, info, cfg, train=False, device=device)
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:
-        from kd.errors import KDError
-
         raise KDError(f"the training set ({len(train_data)} samples) is smaller than one batch ({cfg.batch_size}); lower --batch-size")
     optimizer = build_optimizer(objective, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps_per_epoch))

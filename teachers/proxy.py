@@ -19,10 +19,11 @@ from kd.sources import TableSource, proxy_table
 class ProxyTeacher(TableSource):
     """Frozen C-matrix source: targets = (1 - alpha) * onehot(y) + alpha * C[y]."""
 
-    def __init__(self, c_matrix: torch.Tensor, alpha: float = 0.1):
+    def __init__(self, c_matrix: torch.Tensor, alpha: float = 0.1, meta: dict | None = None):
         c = torch.as_tensor(c_matrix, dtype=torch.float32)
         super().__init__(proxy_table(c, alpha))
         self.alpha = float(alpha)
+        self.meta = dict(meta or {})  # the artifact's metadata (data set, class names, ...)
         self.register_buffer("c_matrix", c.clone(), persistent=False)
 
 
@@ -39,9 +40,7 @@ def load_proxy(path: str | Path, alpha: float | None = None, num_classes: int | 
         raise KDError(f"{path} records no alpha; pass --alpha")
     if not 0.0 < float(a) < 1.0:
         raise KDError(f"alpha must lie in (0, 1), got {a}")
-    src = ProxyTeacher(c, float(a))
-    src.meta = meta
-    return src
+    return ProxyTeacher(c, float(a), meta)
 
 
 def off_diagonal_normalised(m: torch.Tensor) -> torch.Tensor:
