@@ -8,8 +8,9 @@ it out of the table, and config keys. ``{runs_dir}`` in a value is replaced, so 
 can name a teacher run: ``teacher: network:{runs_dir}/teacher-lspp/seed0``.
 
 Each run lives in ``RUNS_DIR/NAME/seedS``; a run whose ``summary.json`` exists is skipped, so
-an interrupted sweep resumes where it stopped. A run directory left without a summary by an
-interruption is moved aside to ``seedS.interrupted-TIME``, never deleted.
+an interrupted sweep resumes where it stopped; a run killed between epochs continues from its
+checkpoint. A run directory left with neither a summary nor a checkpoint is moved aside to
+``seedS.interrupted-TIME``, never deleted.
 """
 from __future__ import annotations
 
@@ -74,15 +75,16 @@ def run_sweep(path: str | Path, log=print) -> "pandas.DataFrame":
                 continue
             if (out / "summary.json").is_file():
                 continue
-            if out.exists():
+            resume = (out / "checkpoint.pt").is_file()
+            if out.exists() and not resume:
                 aside = out.with_name(f"{out.name}.interrupted-{time.strftime('%Y%m%dT%H%M%S')}")
                 out.rename(aside)
-                log(f"[sweep] {out} had no summary (interrupted); moved to {aside}")
+                log(f"[sweep] {out} had no summary and no checkpoint (interrupted); moved to {aside}")
             cfg = TrainConfig.from_dict({**spec["base"], **_config_keys(run, spec["runs_dir"]), "seed": seed})
-            log(f"[sweep] {run['name']} seed {seed} ...")
+            log(f"[sweep] {run['name']} seed {seed} {'resumed' if resume else ''}...")
             job = train_teacher_job if run["verb"] == "train-teacher" else distill_job
             t0 = time.perf_counter()
-            r = job(cfg, out, progress=False, log=None)
+            r = job(cfg, out, progress=False, log=None, resume=resume)
             log(f"[sweep] {run['name']} seed {seed}: acc {r.summary['test_acc']:.4f} ({time.perf_counter() - t0:.0f}s)")
     df = collect(spec)
     write_results(spec, df, time.perf_counter() - started, path)

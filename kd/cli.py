@@ -44,6 +44,8 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--channels-last", action="store_true", default=S)
     g.add_argument("--num-workers", type=int, default=S, help="loader workers for folder data sets")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the unfinished run in --out from its last finished epoch (its own config.yaml)")
 
 
 def config_from_args(args: argparse.Namespace, skip: tuple[str, ...] = ()) -> "TrainConfig":
@@ -62,9 +64,17 @@ def _train(args, student: bool) -> int:
     from kd.jobs import distill_job, train_teacher_job
     from kd.runs import launch_rank
 
-    cfg = config_from_args(args)
+    if args.resume:
+        from kd.config import TrainConfig
+        from kd.runs import resumable_config
+
+        if getattr(args, "config", None) or any(k in TrainConfig.__dataclass_fields__ for k in vars(args)):
+            raise KDError("--resume continues a run with its own config.yaml; give only --out (and --quiet)")
+        cfg = TrainConfig.from_dict(resumable_config(args.out), where=f"{args.out}/config.yaml").validate()
+    else:
+        cfg = config_from_args(args)
     job = distill_job if student else train_teacher_job
-    s = job(cfg, args.out, progress=not args.quiet, log=None if args.quiet else print).summary
+    s = job(cfg, args.out, progress=not args.quiet, log=None if args.quiet else print, resume=args.resume).summary
     if launch_rank() != 0:
         return 0
     what = f"student {s['model']} from {cfg.teacher}" if student else f"{cfg.method} teacher {s['model']}"
@@ -167,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a student from a teacher source. SPEC: " + SPEC_HELP + ". "
                        "Cached rows describe un-augmented inputs: combine cached: with --no-augment "
                        "(a warning is printed when augmentation is on).")
-    p.add_argument("--teacher", required=True, metavar="SPEC", help=SPEC_HELP)
+    p.add_argument("--teacher", default=S, metavar="SPEC", help="required (unless --resume): " + SPEC_HELP)
     p.add_argument("--student", dest="model", default=S, help="student model name (default: the data set's)")
     p.add_argument("--out", required=True, help="new run directory (must not exist or be empty)")
     p.add_argument("--temperature", type=float, default=S,

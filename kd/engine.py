@@ -184,11 +184,13 @@ def train_step(prepared: nn.Module, optimizer, scheduler, backward, x, y, idx) -
 
 def fit(model: nn.Module, source: TargetSource, train_data, test_data, cfg: TrainConfig, *,
         info: DatasetInfo | None = None, run_dir: Path | None = None, meta: dict[str, Any] | None = None,
-        progress: bool = True, log: Callable[[str], None] | None = print) -> FitResult:
+        progress: bool = True, log: Callable[[str], None] | None = print, resume: bool = False) -> FitResult:
     """Train ``model`` on the targets of ``source``; evaluate on ``test_data`` after every epoch.
 
-    With ``run_dir`` the run directory is filled as the run goes (metrics.csv after each
-    epoch; weights, C-matrix and summary.json at the end).
+    With ``run_dir`` the run directory is filled as the run goes (metrics.csv and a
+    checkpoint after each epoch; weights, C-matrix and summary.json at the end, when the
+    checkpoint is removed). With ``resume`` a run killed between epochs continues from its
+    checkpoint; in a single process the result is the one the uninterrupted run gives.
     """
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
@@ -212,7 +214,24 @@ def fit(model: nn.Module, source: TargetSource, train_data, test_data, cfg: Trai
     main = accelerator.is_main_process
     history: list[dict[str, Any]] = []
     total_seconds = 0.0
-    for epoch in range(1, cfg.epochs + 1):
+    first_epoch = 1
+    ckpt_path = run_dir / runs.CHECKPOINT if run_dir is not None else None
+    if resume and ckpt_path is not None and ckpt_path.is_file():
+        state = runs.load_checkpoint(ckpt_path)
+        inner = accelerator.unwrap_model(prepared)
+        inner.model.load_state_dict(state["model"])
+        inner.source.load_state_dict(state["source"], strict=False)
+        step_optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        if state.get("loader_rng") is not None and isinstance(train_loader, TensorLoader):
+            train_loader.generator.set_state(state["loader_rng"])
+        history, total_seconds, first_epoch = state["history"], state["total_seconds"], state["epoch"] + 1
+        if main and log is not None:
+            log(f"resuming after epoch {state['epoch']} from {ckpt_path}")
+    for epoch in range(first_epoch, cfg.epochs + 1):
         if hasattr(train_loader, "set_epoch"):
             train_loader.set_epoch(epoch)
         prepared.train()
@@ -236,6 +255,17 @@ def fit(model: nn.Module, source: TargetSource, train_data, test_data, cfg: Trai
         history.append(row)
         if main and run_dir is not None:
             runs.write_metrics(run_dir, history)
+            inner = accelerator.unwrap_model(prepared)
+            runs.save_checkpoint(ckpt_path, {
+                "epoch": epoch, "history": history, "total_seconds": total_seconds,
+                "model": inner.model.state_dict(),
+                # only the source's trained state (LS++'s C); a frozen teacher is rebuilt from its run
+                "source": {n: p for n, p in inner.source.named_parameters() if p.requires_grad},
+                "optimizer": step_optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "loader_rng": train_loader.generator.get_state() if isinstance(train_loader, TensorLoader) else None,
+            })
         if main and log is not None:
             log(f"epoch {epoch:3d}  loss {row['train_loss']:.4f}  acc {m['acc']:.4f}  nll {m['nll']:.4f}  "
                 f"ece {m['ece']:.4f}  {seconds:.1f}s")
@@ -254,5 +284,6 @@ def fit(model: nn.Module, source: TargetSource, train_data, test_data, cfg: Trai
             runs.save_c_matrix(run_dir / runs.C_MATRIX, unwrapped.source.c_matrix(), unwrapped.source.alpha,
                                class_names, {"source": "lspp-learned", "dataset": str((meta or {}).get("dataset", ""))})
         runs.write_summary(run_dir, summary)
+        ckpt_path.unlink(missing_ok=True)  # the finished run no longer needs it
     accelerator.wait_for_everyone()
     return FitResult(unwrapped.model, unwrapped.source, summary, history)

@@ -34,25 +34,40 @@ def build_model(cfg: TrainConfig, split: DataSplit):
     return name, create_model(name, info.num_classes, info.channels, info.image_size)
 
 
-def train_teacher_job(cfg: TrainConfig, out: str | Path, progress: bool = True, log=print) -> FitResult:
+def _open_run(out: str | Path, resume: bool) -> None:
+    """A new run must get an empty directory; a resumed one must be an unfinished run."""
+    if runs.launch_rank() != 0:  # other ranks never touch the run directory
+        return
+    if resume:
+        runs.resumable_config(out)
+    else:
+        runs.check_new_run_dir(out)
+
+
+def _start_or_continue(out: str | Path, resolved: TrainConfig, resume: bool) -> Path:
+    return Path(out) if resume else runs.start_run(out, resolved.to_dict())
+
+
+def train_teacher_job(cfg: TrainConfig, out: str | Path, progress: bool = True, log=print,
+                      resume: bool = False) -> FitResult:
     """`kd train-teacher`: train a network with 1-hot, LS or LS++ targets into run directory ``out``."""
     from teachers import DEFAULT_ALPHA, label_source
 
     cfg.validate()
-    if runs.launch_rank() == 0:  # other ranks never touch the run directory
-        runs.check_new_run_dir(out)
+    _open_run(out, resume)
     split = load_dataset(cfg.dataset, cfg.data_root, cfg.download)
     name, model = build_model(cfg, split)
     alpha = cfg.alpha if cfg.alpha is not None else DEFAULT_ALPHA
     source = label_source(cfg.method, split.info.num_classes, alpha)
     resolved = cfg.updated({"model": name, "alpha": alpha if cfg.method != "onehot" else None})
-    run_dir = runs.start_run(out, resolved.to_dict())
+    run_dir = _start_or_continue(out, resolved, resume)
     meta = {"kind": "teacher", "method": cfg.method, "alpha": resolved.alpha, **model_meta(cfg, split, name)}
     return fit(model, source, split.train, split.test, resolved, info=split.info, run_dir=run_dir,
-               meta=meta, progress=progress, log=log)
+               meta=meta, progress=progress, log=log, resume=resume)
 
 
-def distill_job(cfg: TrainConfig, out: str | Path, progress: bool = True, log=print) -> FitResult:
+def distill_job(cfg: TrainConfig, out: str | Path, progress: bool = True, log=print,
+                resume: bool = False) -> FitResult:
     """`kd distill`: train a student (cfg.model) from the teacher SPEC cfg.teacher into ``out``."""
     import warnings
 
@@ -62,20 +77,19 @@ def distill_job(cfg: TrainConfig, out: str | Path, progress: bool = True, log=pr
     cfg.validate()
     if not cfg.teacher:
         raise KDError("--teacher SPEC is required")
-    if runs.launch_rank() == 0:  # other ranks never touch the run directory
-        runs.check_new_run_dir(out)
+    _open_run(out, resume)
     split = load_dataset(cfg.dataset, cfg.data_root, cfg.download)
     teacher = teacher_from_spec(cfg.teacher, split.info, len(split.train), alpha=cfg.alpha,
                                 temperature=cfg.temperature, hard_weight=cfg.hard_weight)
     name, student = build_model(cfg, split)
     resolved = cfg.updated({"model": name, "alpha": getattr(teacher, "alpha", None)})
-    run_dir = runs.start_run(out, resolved.to_dict())
+    run_dir = _start_or_continue(out, resolved, resume)
     meta = {"kind": "student", "teacher": cfg.teacher, "teacher_kind": cfg.teacher.partition(":")[0],
             "alpha": resolved.alpha, **model_meta(cfg, split, name)}
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         return distill(student, teacher, split.train, split.test, resolved, info=split.info, run_dir=run_dir,
-                       meta=meta, progress=progress, log=log)
+                       meta=meta, progress=progress, log=log, resume=resume)
 
 
 def _teacher_train_logits(run_dir: Path, dataset: str | None, data_root: str | None, device: str):

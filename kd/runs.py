@@ -18,6 +18,7 @@ METRICS = "metrics.csv"
 WEIGHTS = "model.safetensors"
 C_MATRIX = "c_matrix.safetensors"
 SUMMARY = "summary.json"
+CHECKPOINT = "checkpoint.pt"
 METRIC_COLUMNS = ["epoch", "train_loss", "test_acc", "test_nll", "test_ece", "seconds"]
 
 
@@ -47,6 +48,22 @@ def prepare_run_dir(out: str | Path) -> Path:
     p = check_new_run_dir(out)
     p.mkdir(parents=True, exist_ok=True)
     return p
+
+
+def resumable_config(out: str | Path) -> dict[str, Any]:
+    """The config.yaml of an unfinished run directory, for `--resume`."""
+    p = Path(out)
+    if (p / SUMMARY).is_file():
+        raise KDError(f"{p} is a finished run (it has {SUMMARY}); nothing to resume")
+    if not (p / CONFIG).is_file():
+        raise KDError(f"{p} holds no {CONFIG}; --resume continues a run started by kd train-teacher or kd distill")
+    try:
+        data = yaml.safe_load((p / CONFIG).read_text())
+    except yaml.YAMLError as e:
+        raise KDError(f"{p / CONFIG} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise KDError(f"{p / CONFIG} must hold a mapping of keys to values")
+    return data
 
 
 def start_run(out: str | Path, config: dict[str, Any]) -> Path:
@@ -139,6 +156,20 @@ def load_c_matrix(path: str | Path) -> tuple[torch.Tensor, dict[str, Any]]:
     except (ValueError, json.JSONDecodeError):
         raise KDError(f"{path}: unreadable metadata (alpha, class_names)") from None
     return c, meta
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Everything needed to continue a run after its last finished epoch, written atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError, ValueError) as e:
+        raise KDError(f"{path} is not a readable checkpoint ({str(e).splitlines()[0]}); start the run anew") from None
 
 
 def read_summary(run_dir: Path) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from kd.sources import TargetSource
 
 def distill(student: nn.Module, teacher: TargetSource, train_data, test_data, config: TrainConfig | None = None, *,
             info: DatasetInfo | None = None, run_dir: Path | None = None, meta: dict[str, Any] | None = None,
-            progress: bool = True, log=print) -> FitResult:
+            progress: bool = True, log=print, resume: bool = False) -> FitResult:
     """Train ``student`` on the targets ``teacher`` emits; data sets yield (input, label) pairs.
 
     ``teacher`` is any target source: ``teachers.label_source('onehot', K)``,
@@ -27,4 +27,4 @@ def distill(student: nn.Module, teacher: TargetSource, train_data, test_data, co
         warnings.warn("cached teacher outputs describe un-augmented inputs, but random augmentation is on; "
                       "pass augment=False (--no-augment) to train on the inputs the cache describes", stacklevel=2)
     return fit(student, teacher, train_data, test_data, cfg, info=info, run_dir=run_dir, meta=meta,
-               progress=progress, log=log)
+               progress=progress, log=log, resume=resume)

@@ -40,6 +40,25 @@ def test_sweep_runs_the_grid_writes_tidy_results_and_resumes(tmp_path):
     assert len(list(victim.parent.glob("seed1.interrupted-*"))) == 1
     assert all(p.stat().st_mtime_ns == t for p, t in before.items())
 
+    # A run killed after a finished epoch continues from its checkpoint instead.
+    from kd.config import TrainConfig
+    from kd.jobs import distill_job
+
+    killed = tmp_path / "runs" / "alone" / "seed0"
+    for p in killed.iterdir():
+        p.unlink()
+    killed.rmdir()
+
+    def die(line):
+        raise KeyboardInterrupt
+
+    cfg = TrainConfig(dataset="digits", model="mlp", epochs=1, device="cpu", teacher="onehot", seed=0)
+    with pytest.raises(KeyboardInterrupt):
+        distill_job(cfg, killed, progress=False, log=die)
+    assert (killed / "checkpoint.pt").is_file()
+    run_sweep(f, log=None)
+    assert (killed / "summary.json").is_file() and not list(killed.parent.glob("seed0.interrupted-*"))
+
 
 def test_bad_sweep_files_are_refused_before_anything_runs(tmp_path):
     f = tmp_path / "s.yaml"

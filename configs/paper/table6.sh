@@ -4,7 +4,12 @@
 # $KD_DATA_ROOT/tiny-imagenet-200/{train,val}. Finished runs (with a summary.json) are skipped.
 set -euo pipefail
 KD=${KD:-kd}
-run() { local verb=$1 config=$2 out=$3; [ -f "$out/summary.json" ] && return 0; $KD "$verb" --config "$config" --out "$out"; }
+# A run killed between epochs continues from its checkpoint; one killed in its first epoch must be removed by hand.
+run() {
+  local verb=$1 config=$2 out=$3
+  [ -f "$out/summary.json" ] && return 0
+  if [ -f "$out/checkpoint.pt" ]; then $KD "$verb" --resume --out "$out"; else $KD "$verb" --config "$config" --out "$out"; fi
+}
 run train-teacher configs/paper/cifar100/teacher-resnet34-onehot.yaml runs/paper/cifar100/teacher-resnet34-onehot
 run train-teacher configs/paper/cifar100/teacher-resnet34-ls.yaml runs/paper/cifar100/teacher-resnet34-ls
 run train-teacher configs/paper/cifar100/teacher-resnet34-lspp.yaml runs/paper/cifar100/teacher-resnet34-lspp
