@@ -14,12 +14,17 @@ checkpoint. A run directory left with neither a summary nor a checkpoint is move
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import json
 import time
 from pathlib import Path
 from typing import Any
 
 from kd.errors import KDError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 VERBS = ("train-teacher", "distill", "proxy-export")
 
@@ -54,7 +59,7 @@ def _run_dir(spec, name: str, seed: int) -> Path:
     return Path(spec["runs_dir"]) / name / f"seed{seed}"
 
 
-def run_sweep(path: str | Path, log=print) -> "pandas.DataFrame":
+def run_sweep(path: str | Path, log=print) -> "pd.DataFrame":
     from kd.config import TrainConfig
     from kd.jobs import distill_job, export_proxy_job, train_teacher_job
 
@@ -91,7 +96,7 @@ def run_sweep(path: str | Path, log=print) -> "pandas.DataFrame":
     return df
 
 
-def collect(spec) -> "pandas.DataFrame":
+def collect(spec) -> "pd.DataFrame":
     """One tidy row per finished (run, seed) that belongs in the table."""
     import pandas as pd
 

@@ -14,13 +14,16 @@ import platform
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from kd.errors import KDError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 SOURCES = ("bare", "onehot", "ls", "proxy", "cached", "network", "lspp")
 
@@ -168,7 +171,7 @@ class _Cycle:
 def run_bench(preset: str, device: str = "cpu", batch_size: int | None = None, steps: int | None = None,
               repeats: int = 5, warmup: int = 3, amp: str = "none", channels_last: bool = False,
               sources: tuple[str, ...] = SOURCES, data: str | None = None, data_root: str | None = None,
-              log=print) -> "pandas.DataFrame":
+              log=print) -> "pd.DataFrame":
     """Time a training step of the preset's student for each source; one row per source."""
     import pandas as pd
 

@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, Callable
+from typing import TYPE_CHECKING
 
 from kd.errors import KDError
+
+if TYPE_CHECKING:
+    from kd.config import TrainConfig
 
 
 class _Parser(argparse.ArgumentParser):

@@ -16,7 +16,6 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from kd.errors import KDError
 

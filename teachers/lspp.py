@@ -17,7 +17,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from kd.sources import TargetSource, proxy_table
+from kd.sources import TargetSource
 
 
 def _check_alpha(alpha: float) -> float:
@@ -50,7 +50,6 @@ class LSPPLoss(TargetSource):
 
     def _log_table(self, diagonal: float, offset: float) -> torch.Tensor:
         """K x K matrix: offset + log C off the diagonal, ``diagonal`` on it."""
-        k = self.num_classes
         log_rows = F.log_softmax(self.c_logits.float(), dim=1)
         if offset:
             log_rows = log_rows + offset

@@ -1,6 +1,4 @@
 """Distillation from every teacher source: exact targets, a frozen teacher, proxies, Hinton's loss."""
-import json
-import shutil
 
 import numpy as np
 import pytest
