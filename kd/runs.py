@@ -106,14 +106,14 @@ def save_weights(path: Path, module: torch.nn.Module) -> None:
 
 
 def load_weights(path: Path, module: torch.nn.Module) -> None:
-    state = _load_safetensors(path)
+    state = load_safetensors(path)
     try:
         module.load_state_dict(state)
     except RuntimeError as e:
         raise KDError(f"{path} does not fit the model: {str(e).splitlines()[0]}") from None
 
 
-def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     if not Path(path).is_file():
         raise KDError(f"{path} does not exist")
     try:
@@ -139,7 +139,7 @@ def load_c_matrix(path: str | Path) -> tuple[torch.Tensor, dict[str, Any]]:
     path = Path(path)
     if path.is_dir():
         path = path / C_MATRIX
-    tensors = _load_safetensors(path)
+    tensors = load_safetensors(path)
     if "c_matrix" not in tensors:
         raise KDError(f"{path} holds no tensor named 'c_matrix'; export one with `kd proxy export`")
     with safe_open(str(path), framework="pt") as f:

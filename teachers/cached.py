@@ -49,7 +49,7 @@ def load_cache(path: str | Path, dataset: str | None = None, num_samples: int | 
                num_classes: int | None = None) -> CachedTeacher:
     """A cached teacher, checked against the data set it will be used with."""
     path = Path(path)
-    tensors = runs._load_safetensors(path)
+    tensors = runs.load_safetensors(path)
     if "logits" not in tensors:
         raise KDError(f"{path} holds no tensor 'logits'; make one with `kd teacher cache RUN_DIR --out {path}`")
     with safe_open(str(path), framework="pt") as f:

@@ -17,14 +17,13 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from kd.errors import KDError
 from kd.sources import TargetSource
 
 
 def _check_alpha(alpha: float) -> float:
     alpha = float(alpha)
     if not 0.0 < alpha < 1.0:
-        from kd.errors import KDError
-
         raise KDError(f"alpha must lie in (0, 1), got {alpha}; LS++ uses 0.1 by default")
     return alpha
 
@@ -51,10 +50,7 @@ class LSPPLoss(TargetSource):
     def _log_table(self, diagonal: float, offset: float) -> torch.Tensor:
         """K x K matrix: offset + log C off the diagonal, ``diagonal`` on it."""
         log_rows = F.log_softmax(self.c_logits.float(), dim=1)
-        if offset:
-            log_rows = log_rows + offset
-        flat = torch.cat([log_rows.reshape(-1), log_rows.new_full((1,), diagonal)])
-        return flat[self._index]
+        return _square(log_rows + offset if offset else log_rows, diagonal, self._index)
 
     def log_c_matrix(self) -> torch.Tensor:
         """K x K log C: log-softmax of each row's K-1 logits, -inf on the diagonal."""
@@ -110,6 +106,11 @@ def train_teacher(model: nn.Module, train_data, test_data, config=None, *, num_c
                progress=progress, log=log)
 
 
+def _square(rows: torch.Tensor, diagonal: float, flat_index: torch.Tensor) -> torch.Tensor:
+    """K x K matrix from K x (K-1) off-diagonal rows (row-major) and a constant diagonal."""
+    return torch.cat([rows.reshape(-1), rows.new_full((1,), diagonal)]).take(flat_index)
+
+
 class _LSPPTerms(torch.autograd.Function):
     """Both LS++ terms in one autograd node, with their gradients written out.
 
@@ -127,8 +128,8 @@ class _LSPPTerms(torch.autograd.Function):
         log_p = F.log_softmax(logits, dim=1)
         p = log_p.exp()
         log_s = F.log_softmax(c_logits, dim=1)
-        flat = torch.cat([(log_s + math.log(alpha)).reshape(-1), log_s.new_full((1,), math.log1p(-alpha))])
-        log_t = flat.take(flat_index).index_select(0, labels)  # index_select: far cheaper than x[labels]
+        log_table = _square(log_s + math.log(alpha), math.log1p(-alpha), flat_index)  # log((1 - alpha) I + alpha C)
+        log_t = log_table.index_select(0, labels)  # index_select: far cheaper than x[labels]
         t = log_t.exp()
         scale = 0.5 / b
         net = (t * log_p).sum().mul_(-scale)
