@@ -111,22 +111,10 @@ def _bare_runner(student: nn.Module, cfg, device, amp_dtype, batches) -> _Runner
 
 
 def _framework_runner(name, student, source, cfg, batches) -> _Runner:
-    from kd.engine import Objective, build_optimizer, lr_lambda, make_accelerator, step_functions, train_step
+    from kd.engine import make_accelerator, prepare_training
 
-    accelerator = make_accelerator(cfg)
-    objective = Objective(student, source).to(accelerator.device)
-    if cfg.channels_last:
-        objective.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(objective, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, 10**6))
-    prepared, optimizer = accelerator.prepare(objective, optimizer)
-    prepared.train()
-    optimizer, backward = step_functions(optimizer, accelerator)
-
-    def step(x, y, idx):
-        train_step(prepared, optimizer, scheduler, backward, x, y, idx)
-
-    return _Runner(name, step, batches)
+    training = prepare_training(make_accelerator(cfg), student, source, cfg, steps_per_epoch=10**6)
+    return _Runner(name, training.step, batches)
 
 
 def synthetic_batches(preset: Preset, batch: int, device, channels_last: bool, n_cached: int, count: int = 4):

@@ -18,7 +18,7 @@ def loader_ratio(dataset: str = "fashion-mnist", model: str | None = None, batch
     from benchmarks.cost import _sync, device_name
     from kd.config import TrainConfig
     from kd.data import load_dataset
-    from kd.engine import Objective, build_optimizer, lr_lambda, make_accelerator, make_loader, step_functions, train_step
+    from kd.engine import make_accelerator, make_loader, prepare_training
     from kd.models import create_model
     from teachers.onehot import OneHot
 
@@ -31,13 +31,8 @@ def loader_ratio(dataset: str = "fashion-mnist", model: str | None = None, batch
     net0 = create_model(name, info.num_classes, info.channels, info.image_size)
 
     def make_step():
-        accelerator = make_accelerator(cfg)
-        obj = Objective(copy.deepcopy(net0), OneHot(info.num_classes)).to(dev)
-        opt = build_optimizer(obj, cfg)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, 10**6))
-        prepared, opt = accelerator.prepare(obj, opt)
-        opt, backward = step_functions(opt, accelerator)
-        return lambda x, y, i: train_step(prepared, opt, sched, backward, x, y, i)
+        return prepare_training(make_accelerator(cfg), copy.deepcopy(net0), OneHot(info.num_classes), cfg,
+                                steps_per_epoch=10**6).step
 
     real_loader = make_loader(split.train, info, cfg, train=True, device=dev)
     real_step, mem_step = make_step(), make_step()

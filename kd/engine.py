@@ -162,6 +162,34 @@ def step_functions(optimizer, accelerator) -> tuple[torch.optim.Optimizer, Calla
     return optimizer, accelerator.backward
 
 
+@dataclass
+class Training:
+    """A model and its source prepared by accelerate, with the optimiser and schedule one step needs."""
+
+    accelerator: Any
+    prepared: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    backward: Callable[[torch.Tensor], None]
+
+    def step(self, x, y, idx) -> dict[str, torch.Tensor]:
+        return train_step(self.prepared, self.optimizer, self.scheduler, self.backward, x, y, idx)
+
+
+def prepare_training(accelerator, model: nn.Module, source: TargetSource, cfg: TrainConfig,
+                     steps_per_epoch: int) -> Training:
+    """What `fit` and the benchmarks share: objective on the device, optimiser, schedule, accelerate."""
+    objective = Objective(model, source).to(accelerator.device)
+    if cfg.channels_last:
+        objective.model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(objective, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps_per_epoch))
+    prepared, optimizer = accelerator.prepare(objective, optimizer)
+    prepared.train()
+    step_optimizer, backward = step_functions(optimizer, accelerator)
+    return Training(accelerator, prepared, step_optimizer, scheduler, backward)
+
+
 def total_loss(terms: dict[str, torch.Tensor]) -> torch.Tensor:
     """The sum of the named loss terms (without the extra add that ``sum`` starts from 0 with)."""
     values = iter(terms.values())
@@ -198,19 +226,14 @@ def fit(model: nn.Module, source: TargetSource, train_data, test_data, cfg: Trai
     accelerator = make_accelerator(cfg)
     set_seed(cfg.seed)
     device = accelerator.device
-    objective = Objective(model, source).to(device)
-    if cfg.channels_last:
-        objective.model.to(memory_format=torch.channels_last)
     train_loader = make_loader(train_data, info, cfg, train=True, device=device, rank=accelerator.process_index,
                                world_size=accelerator.num_processes, accelerator=accelerator)
     test_loader = make_loader(test_data, info, cfg, train=False, device=device)
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:
         raise KDError(f"the training set ({len(train_data)} samples) is smaller than one batch ({cfg.batch_size}); lower --batch-size")
-    optimizer = build_optimizer(objective, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps_per_epoch))
-    prepared, optimizer = accelerator.prepare(objective, optimizer)
-    step_optimizer, backward = step_functions(optimizer, accelerator)
+    training = prepare_training(accelerator, model, source, cfg, steps_per_epoch)
+    prepared, step_optimizer, scheduler = training.prepared, training.optimizer, training.scheduler
     main = accelerator.is_main_process
     history: list[dict[str, Any]] = []
     total_seconds = 0.0
@@ -242,7 +265,7 @@ def fit(model: nn.Module, source: TargetSource, train_data, test_data, cfg: Trai
         for x, y, idx in bar:
             if cfg.channels_last and x.ndim == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
-            terms = train_step(prepared, step_optimizer, scheduler, backward, x, y, idx)
+            terms = training.step(x, y, idx)
             for k, v in terms.items():
                 term_sums[k] = term_sums.get(k, 0.0) + v.detach()
         seconds = time.perf_counter() - t0
