@@ -68,8 +68,10 @@ class BatchTransform:
     def __init__(self, scale: float, mean: Sequence[float], std: Sequence[float],
                  crop_padding: int = 0, flip: bool = False):
         self.scale = float(scale)
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        # (x / scale - mean) / std as one multiply-add per channel
+        self.mul, self.add = 1.0 / (self.scale * std), -mean / std
         self.crop_padding = int(crop_padding)
         self.flip = bool(flip)
         self.workspace: dict = {}
@@ -81,13 +83,9 @@ class BatchTransform:
     def __call__(self, x: torch.Tensor, train: bool, generator: torch.Generator | None = None) -> torch.Tensor:
         if train and self.augments:
             x = augment_batch(x, self.crop_padding, self.flip, generator, self.workspace)
-        if self.mean.device != x.device:
-            self.mean, self.std = self.mean.to(x.device), self.std.to(x.device)
-            self._mul = self._add = None
-        if getattr(self, "_mul", None) is None:  # (x / scale - mean) / std as one multiply-add
-            self._mul = 1.0 / (self.scale * self.std)
-            self._add = -self.mean / self.std
-        return x.float().mul_(self._mul).add_(self._add)
+        if self.mul.device != x.device:
+            self.mul, self.add = self.mul.to(x.device), self.add.to(x.device)
+        return x.float().mul_(self.mul).add_(self.add)
 
 
 def augment_batch(x: torch.Tensor, padding: int, flip: bool, generator: torch.Generator | None = None,
