@@ -64,10 +64,6 @@ class LSPPLoss(TargetSource):
         """K x K log T with T = (1 - alpha) I + alpha C, exact in log space; row y is log t for class y."""
         return self._log_table(math.log1p(-self.alpha), math.log(self.alpha))
 
-    def log_targets(self, labels: torch.Tensor) -> torch.Tensor:
-        """B x K log t, differentiable with respect to the C logits."""
-        return self.log_target_table()[labels]
-
     def targets(self, labels, *, inputs=None, index=None):
         with torch.no_grad():
             table = self.log_target_table().exp()
