@@ -6,6 +6,8 @@ next to the two classes a 1-hot network most often confuses it with on the test 
 from __future__ import annotations
 
 import argparse
+import shlex
+import sys
 from pathlib import Path
 
 import torch
@@ -58,10 +60,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("onehot_run")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
-    text, _, _ = neighbour_table(a.lspp_run, a.onehot_run)
+    from kd.errors import KDError
+    from kd.runs import check_new_file
+
+    try:
+        out = check_new_file(a.out) if a.out else None
+        text, _, _ = neighbour_table(a.lspp_run, a.onehot_run)
+    except KDError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(text)
-    if a.out:
-        Path(a.out).write_text(f"`python -m benchmarks.neighbours {a.lspp_run} {a.onehot_run}`\n\n{text}\n")
+    if out:
+        command = shlex.join(["python", "-m", "benchmarks.neighbours", a.lspp_run, a.onehot_run])
+        out.write_text(f"`{command}`\n\n{text}\n")
     return 0
 
 
