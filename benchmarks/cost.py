@@ -20,12 +20,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import teachers
+from kd.config import TrainConfig
+from kd.data import load_dataset
+from kd.engine import make_accelerator, make_loader, prepare_training
 from kd.errors import KDError
+from kd.models import create_model
+from kd.sources import SourceContext, TargetSource
 
 if TYPE_CHECKING:
     import pandas as pd
 
-SOURCES = ("bare", "onehot", "ls", "proxy", "cached", "network", "lspp")
+
+def bench_rows() -> list[str]:
+    """``bare`` (a hand-written loop, the floor), then the rows of every source in ``teachers.SOURCES``."""
+    return ["bare", *_row_table()]
+
+
+def _row_table() -> dict[str, tuple[type[TargetSource], dict]]:
+    return {row: (cls, opts) for cls in teachers.SOURCES.values() for row, opts in cls.bench_rows().items()}
 
 
 @dataclass(frozen=True)
@@ -66,24 +79,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def make_source(name: str, k: int, teacher: nn.Module | None, n_cached: int) -> nn.Module:
-    """The target source behind a row, with stand-in artifacts of the right shape."""
-    from teachers import label_source
-    from teachers.cached import CachedTeacher
-    from teachers.network import NetworkTeacher
-    from teachers.proxy import ProxyTeacher
-
-    g = torch.Generator().manual_seed(0)
-    if name in ("onehot", "ls", "lspp"):
-        return label_source(name, k)
-    if name == "proxy":
-        c = torch.rand(k, k, generator=g).fill_diagonal_(0)
-        return ProxyTeacher(c / c.sum(1, keepdim=True), 0.1)
-    if name == "cached":
-        return CachedTeacher(torch.randn(n_cached, k, generator=g))
-    if name == "network":
-        return NetworkTeacher(teacher, k)
-    raise KDError(f"unknown source '{name}'; choose from {', '.join(SOURCES)}")
+def make_source(row: str, k: int, teacher: nn.Module | None, n_cached: int) -> TargetSource:
+    """The target source behind a row, with stand-in artifacts of the right shape (``stand_in``)."""
+    table = _row_table()
+    if row not in table:
+        raise KDError(f"unknown source '{row}'; choose from {', '.join(bench_rows())}")
+    cls, options = table[row]
+    return cls.stand_in(SourceContext(k, num_train=n_cached, options=dict(options), teacher_model=teacher))
 
 
 class _Runner:
@@ -111,8 +113,6 @@ def _bare_runner(student: nn.Module, cfg, device, amp_dtype, batches) -> _Runner
 
 
 def _framework_runner(name, student, source, cfg, batches) -> _Runner:
-    from kd.engine import make_accelerator, prepare_training
-
     training = prepare_training(make_accelerator(cfg), student, source, cfg, steps_per_epoch=10**6)
     return _Runner(name, training.step, batches)
 
@@ -158,20 +158,18 @@ class _Cycle:
 
 def run_bench(preset: str, device: str = "cpu", batch_size: int | None = None, steps: int | None = None,
               repeats: int = 5, warmup: int = 3, amp: str = "none", channels_last: bool = False,
-              sources: tuple[str, ...] = SOURCES, data: str | None = None, data_root: str | None = None,
+              sources: tuple[str, ...] | None = None, data: str | None = None, data_root: str | None = None,
               log=print) -> "pd.DataFrame":
     """Time a training step of the preset's student for each source; one row per source."""
     import pandas as pd
 
-    from kd.config import TrainConfig
-    from kd.models import create_model
-
+    sources = tuple(sources or bench_rows())
     if preset not in PRESETS:
         raise KDError(f"unknown preset '{preset}'; choose one of {', '.join(PRESETS)}")
     p = PRESETS[preset]
-    unknown = [s for s in sources if s not in SOURCES]
+    unknown = [s for s in sources if s not in bench_rows()]
     if unknown:
-        raise KDError(f"unknown source '{unknown[0]}'; choose from {', '.join(SOURCES)}")
+        raise KDError(f"unknown source '{unknown[0]}'; choose from {', '.join(bench_rows())}")
     if device == "cuda" and not torch.cuda.is_available():
         raise KDError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
     if repeats < 1 or (steps is not None and steps < 1 and data is None) or warmup < 0:
@@ -184,9 +182,6 @@ def run_bench(preset: str, device: str = "cpu", batch_size: int | None = None, s
     n_cached = 10_000
     real = None
     if data is not None:
-        from kd.data import load_dataset
-        from kd.engine import make_loader
-
         split = load_dataset(data, data_root)
         info = split.info
         if (info.channels, info.image_size, info.num_classes) != (p.channels, p.size, p.num_classes):

@@ -12,16 +12,16 @@ import time
 
 import torch
 
+from benchmarks.cost import _sync, device_name
+from kd.config import TrainConfig
+from kd.data import load_dataset
+from kd.engine import make_accelerator, make_loader, prepare_training
+from kd.models import create_model
+from teachers.onehot import OneHot
+
 
 def loader_ratio(dataset: str = "fashion-mnist", model: str | None = None, batch_size: int = 128,
                  repeats: int = 5, data_root: str | None = None, device: str = "cpu", log=print) -> dict:
-    from benchmarks.cost import _sync, device_name
-    from kd.config import TrainConfig
-    from kd.data import load_dataset
-    from kd.engine import make_accelerator, make_loader, prepare_training
-    from kd.models import create_model
-    from teachers.onehot import OneHot
-
     split = load_dataset(dataset, data_root)
     info = split.info
     name = model or info.default_model

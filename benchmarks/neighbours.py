@@ -12,6 +12,13 @@ from pathlib import Path
 
 import torch
 
+from kd import runs
+from kd.data import load_dataset
+from kd.engine import predict
+from kd.errors import KDError
+from kd.runs import check_new_file
+from teachers.network import load_teacher_network
+
 
 def top_confusions(pred: torch.Tensor, labels: torch.Tensor, k: int, n: int = 2) -> list[list[int]]:
     """For each true class, the n wrong classes it is most often predicted as (ties: lower index)."""
@@ -28,11 +35,6 @@ def top_c_neighbours(c: torch.Tensor, n: int = 2) -> list[list[int]]:
 
 
 def neighbour_table(lspp_run: str | Path, onehot_run: str | Path) -> tuple[str, int, int]:
-    from kd import runs
-    from kd.data import load_dataset
-    from kd.engine import predict
-    from teachers.network import load_teacher_network
-
     c, meta = runs.load_c_matrix(lspp_run)
     names = meta["class_names"]
     model, s = load_teacher_network(onehot_run)
@@ -60,9 +62,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("onehot_run")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
-    from kd.errors import KDError
-    from kd.runs import check_new_file
-
     try:
         out = check_new_file(a.out) if a.out else None
         text, _, _ = neighbour_table(a.lspp_run, a.onehot_run)

@@ -1,3 +1,3 @@
-from kd.cli import main
+from kd.app.cli import main
 
 raise SystemExit(main())

@@ -9,14 +9,15 @@ import yaml
 
 from kd.errors import KDError
 
-METHODS = ("onehot", "ls", "lspp")
+#: The config keys handed to a source as its options (see ``kd.sources.SourceContext``).
+SOURCE_OPTIONS = ("alpha", "temperature", "hard_weight")
 
 
 @dataclass
 class TrainConfig:
     """Everything a training run needs; ``None`` means "take the data set's default"."""
 
-    method: str = "lspp"          # teacher training: onehot | ls | lspp
+    method: str = "lspp"          # teacher training: a label-only source (onehot | ls | lspp | ...)
     teacher: str | None = None    # student training: a teacher SPEC (see `kd distill --help`)
     model: str | None = None
     dataset: str = "digits"
@@ -54,7 +55,7 @@ class TrainConfig:
             raise KDError(f"--lr must be positive, got {self.lr}")
         if self.weight_decay < 0:
             raise KDError(f"--weight-decay must be non-negative, got {self.weight_decay}")
-        for key, allowed in (("method", METHODS), ("optimizer", ("sgd", "adamw")),
+        for key, allowed in (("optimizer", ("sgd", "adamw")),
                              ("schedule", ("cosine", "step", "constant")), ("amp", ("none", "bf16", "fp16")),
                              ("device", ("auto", "cpu", "cuda"))):
             if getattr(self, key) not in allowed:
@@ -64,6 +65,10 @@ class TrainConfig:
         if not 0.0 <= self.hard_weight <= 1.0:
             raise KDError(f"--hard-weight must lie in [0, 1], got {self.hard_weight}")
         return self
+
+    def source_options(self) -> dict[str, Any]:
+        """The options a target source is built with (None: the source's own default)."""
+        return {k: getattr(self, k) for k in SOURCE_OPTIONS}
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

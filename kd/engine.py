@@ -1,9 +1,11 @@
 """The one training engine: any model, any target source, under accelerate from the start.
 
-One step, top to bottom: batch (x, y, index) -> model(x) -> source.loss_terms(...) -> sum of
-the named terms -> backward -> optimiser step -> schedule step. Teacher training (the
-source is LS++ with its learnable C) and student training (the source is a frozen
-teacher) run the same loop.
+One step, top to bottom, in :meth:`Training.step`: autocast -> model(x) -> the source's named
+loss terms -> their sum -> backward -> optimiser step -> schedule step. Teacher training (the
+source is LS++ with its learnable C) and student training (the source is a frozen teacher)
+run the same loop. Only the model is wrapped for data-parallel training; a source's
+trainable parameters (LS++'s C logits) have their gradients averaged across processes in
+the step, and frozen teachers and tables stay outside the wrapper, never broadcast.
 """
 from __future__ import annotations
 
@@ -24,24 +26,6 @@ from kd.metrics import classification_metrics
 from kd.sources import TargetSource
 
 
-class Objective(nn.Module):
-    """Model plus target source in one module, so accelerate prepares (and DDP wraps) both."""
-
-    def __init__(self, model: nn.Module, source: TargetSource):
-        super().__init__()
-        self.model = model
-        self.source = source
-
-    def forward(self, x, y, index=None):
-        logits = self.model(x)
-        terms = self.source.loss_terms(
-            logits, y,
-            inputs=x if self.source.needs_inputs else None,
-            index=index if self.source.needs_index else None,
-        )
-        return logits, terms
-
-
 @dataclass
 class FitResult:
     model: nn.Module
@@ -51,12 +35,13 @@ class FitResult:
 
 
 def make_accelerator(cfg: TrainConfig):
+    """accelerate places the model and launches processes; mixed precision is the step's own autocast."""
     from accelerate import Accelerator
 
     cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise KDError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
-    return Accelerator(cpu=cpu, mixed_precision="no" if cfg.amp == "none" else cfg.amp)
+    return Accelerator(cpu=cpu, mixed_precision="no")
 
 
 def lr_lambda(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
@@ -77,10 +62,10 @@ def lr_lambda(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
     return f
 
 
-def build_optimizer(objective: Objective, cfg: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, source: TargetSource, cfg: TrainConfig) -> torch.optim.Optimizer:
     """Network parameters with weight decay; the source's learnable parameters (C) with or without."""
-    model_params = [p for p in objective.model.parameters() if p.requires_grad]
-    source_params = [p for p in objective.source.parameters() if p.requires_grad]
+    model_params = [p for p in model.parameters() if p.requires_grad]
+    source_params = [p for p in source.parameters() if p.requires_grad]
     if cfg.c_weight_decay:  # one group: each extra group costs a pass of the optimiser's Python loop
         groups = [{"params": model_params + source_params, "weight_decay": cfg.weight_decay}]
     else:
@@ -144,50 +129,44 @@ def evaluate(model: nn.Module, loader, device, channels_last: bool = False) -> t
     return torch.cat(outs), torch.cat(labels)
 
 
-def step_functions(optimizer, accelerator) -> tuple[torch.optim.Optimizer, Callable[[torch.Tensor], None]]:
-    """The optimiser and backward call a training step should use.
-
-    accelerate's optimiser wrapper and ``backward`` only forward the call when there is no
-    gradient scaler, no gradient accumulation and no DeepSpeed / Megatron / XLA; in that case
-    we call torch directly, because the wrapper looks up optional packages on every step
-    (about 0.2 ms per step on CPU, measured with `kd bench`). Otherwise accelerate's are used.
-    """
-    from accelerate.utils import DistributedType
-
-    plain = (accelerator.scaler is None and accelerator.gradient_accumulation_steps == 1
-             and accelerator.distributed_type not in (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM,
-                                                      DistributedType.XLA))
-    if plain:
-        return getattr(optimizer, "optimizer", optimizer), lambda loss: loss.backward()
-    return optimizer, accelerator.backward
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
 class Training:
-    """A model and its source prepared by accelerate, with the optimiser and schedule one step needs."""
+    """What one training step needs: the (possibly data-parallel) model, the source, optimiser, schedule."""
 
-    accelerator: Any
-    prepared: nn.Module
+    model: nn.Module            # the student or teacher network; DDP-wrapped under several processes
+    source: TargetSource        # never wrapped: frozen tables and teachers are not broadcast per step
     optimizer: torch.optim.Optimizer
     scheduler: Any
-    backward: Callable[[torch.Tensor], None]
+    device_type: str
+    amp_dtype: torch.dtype | None
+    scaler: Any = None          # a GradScaler for fp16, else None
+    shared_params: list[nn.Parameter] = field(default_factory=list)  # source parameters to average across ranks
+    world_size: int = 1
 
     def step(self, x, y, idx) -> dict[str, torch.Tensor]:
-        return train_step(self.prepared, self.optimizer, self.scheduler, self.backward, x, y, idx)
-
-
-def prepare_training(accelerator, model: nn.Module, source: TargetSource, cfg: TrainConfig,
-                     steps_per_epoch: int) -> Training:
-    """What `fit` and the benchmarks share: objective on the device, optimiser, schedule, accelerate."""
-    objective = Objective(model, source).to(accelerator.device)
-    if cfg.channels_last:
-        objective.model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(objective, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps_per_epoch))
-    prepared, optimizer = accelerator.prepare(objective, optimizer)
-    prepared.train()
-    step_optimizer, backward = step_functions(optimizer, accelerator)
-    return Training(accelerator, prepared, step_optimizer, scheduler, backward)
+        """One optimiser step on one batch; returns the named loss terms (no host sync)."""
+        with torch.autocast(self.device_type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            logits = self.model(x)
+            terms = self.source.loss_terms(logits, y, inputs=x if self.source.needs_inputs else None,
+                                           index=idx if self.source.needs_index else None)
+        loss = total_loss(terms)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+        else:
+            loss.backward()
+        if self.shared_params:  # DDP averages the model's gradients; the source's are averaged here
+            average_gradients(self.shared_params, self.world_size)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        return terms
 
 
 def total_loss(terms: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -199,15 +178,38 @@ def total_loss(terms: dict[str, torch.Tensor]) -> torch.Tensor:
     return loss
 
 
-def train_step(prepared: nn.Module, optimizer, scheduler, backward, x, y, idx) -> dict[str, torch.Tensor]:
-    """One optimiser step on one batch; returns the named loss terms (no host sync)."""
-    _, terms = prepared(x, y, idx)
-    loss = total_loss(terms)
-    optimizer.zero_grad(set_to_none=True)
-    backward(loss)
-    optimizer.step()
-    scheduler.step()
-    return terms
+def average_gradients(params: list[nn.Parameter], world_size: int) -> None:
+    """All-reduce and average the gradients of ``params`` in one flat buffer (one collective)."""
+    import torch.distributed as dist
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat.div_(world_size)
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset: offset + g.numel()].view_as(g)
+        offset += g.numel()
+
+
+def prepare_training(accelerator, model: nn.Module, source: TargetSource, cfg: TrainConfig,
+                     steps_per_epoch: int) -> Training:
+    """What `fit` and the benchmarks share: model and source on the device, optimiser, schedule, DDP."""
+    device = accelerator.device
+    model.to(device)
+    source.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, source, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps_per_epoch))
+    prepared = accelerator.prepare_model(model)  # DDP under several processes; the module itself otherwise
+    prepared.train()
+    source.train()
+    amp_dtype = AMP_DTYPES[cfg.amp]
+    scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
+    world = accelerator.num_processes
+    shared = [p for p in source.parameters() if p.requires_grad] if world > 1 else []
+    return Training(prepared, source, optimizer, scheduler, device.type, amp_dtype, scaler, shared, world)
 
 
 def fit(model: nn.Module, source: TargetSource, train_data, test_data, cfg: TrainConfig, *,
@@ -216,9 +218,10 @@ def fit(model: nn.Module, source: TargetSource, train_data, test_data, cfg: Trai
     """Train ``model`` on the targets of ``source``; evaluate on ``test_data`` after every epoch.
 
     With ``run_dir`` the run directory is filled as the run goes (metrics.csv and a
-    checkpoint after each epoch; weights, C-matrix and summary.json at the end, when the
-    checkpoint is removed). With ``resume`` a run killed between epochs continues from its
-    checkpoint; in a single process the result is the one the uninterrupted run gives.
+    checkpoint after each epoch; weights, the source's artifacts (LS++'s C-matrix) and
+    summary.json at the end, when the checkpoint is removed). With ``resume`` a run killed
+    between epochs continues from its checkpoint; in a single process the result is the one
+    the uninterrupted run gives.
     """
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
@@ -233,31 +236,21 @@ def fit(model: nn.Module, source: TargetSource, train_data, test_data, cfg: Trai
     if steps_per_epoch == 0:
         raise KDError(f"the training set ({len(train_data)} samples) is smaller than one batch ({cfg.batch_size}); lower --batch-size")
     training = prepare_training(accelerator, model, source, cfg, steps_per_epoch)
-    prepared, step_optimizer, scheduler = training.prepared, training.optimizer, training.scheduler
     main = accelerator.is_main_process
-    history: list[dict[str, Any]] = []
-    total_seconds = 0.0
-    first_epoch = 1
+    loader_rng = train_loader.generator if isinstance(train_loader, TensorLoader) else None
     ckpt_path = run_dir / runs.CHECKPOINT if run_dir is not None else None
+    history: list[dict[str, Any]] = []
+    total_seconds, first_epoch = 0.0, 1
     if resume and ckpt_path is not None and ckpt_path.is_file():
-        state = runs.load_checkpoint(ckpt_path)
-        inner = accelerator.unwrap_model(prepared)
-        inner.model.load_state_dict(state["model"])
-        inner.source.load_state_dict(state["source"], strict=False)
-        step_optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
-        if state.get("cuda_rng") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        if state.get("loader_rng") is not None and isinstance(train_loader, TensorLoader):
-            train_loader.generator.set_state(state["loader_rng"])
-        history, total_seconds, first_epoch = state["history"], state["total_seconds"], state["epoch"] + 1
+        done, history, total_seconds = runs.restore_checkpoint(ckpt_path, model, source, training.optimizer,
+                                                               training.scheduler, loader_rng)
+        first_epoch = done + 1
         if main and log is not None:
-            log(f"resuming after epoch {state['epoch']} from {ckpt_path}")
+            log(f"resuming after epoch {done} from {ckpt_path}")
     for epoch in range(first_epoch, cfg.epochs + 1):
         if hasattr(train_loader, "set_epoch"):
             train_loader.set_epoch(epoch)
-        prepared.train()
+        training.model.train()
         term_sums: dict[str, torch.Tensor] = {}
         t0 = time.perf_counter()
         bar = tqdm(train_loader, total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}",
@@ -270,7 +263,7 @@ def fit(model: nn.Module, source: TargetSource, train_data, test_data, cfg: Trai
                 term_sums[k] = term_sums.get(k, 0.0) + v.detach()
         seconds = time.perf_counter() - t0
         total_seconds += seconds
-        logits, labels = evaluate(accelerator.unwrap_model(prepared).model, test_loader, device, cfg.channels_last)
+        logits, labels = evaluate(model, test_loader, device, cfg.channels_last)
         m = classification_metrics(logits, labels)
         terms_mean = {f"loss_{k}": float(v) / steps_per_epoch for k, v in term_sums.items()}
         row = {"epoch": epoch, "train_loss": sum(terms_mean.values()), "test_acc": m["acc"],
@@ -278,21 +271,11 @@ def fit(model: nn.Module, source: TargetSource, train_data, test_data, cfg: Trai
         history.append(row)
         if main and run_dir is not None:
             runs.write_metrics(run_dir, history)
-            inner = accelerator.unwrap_model(prepared)
-            runs.save_checkpoint(ckpt_path, {
-                "epoch": epoch, "history": history, "total_seconds": total_seconds,
-                "model": inner.model.state_dict(),
-                # only the source's trained state (LS++'s C); a frozen teacher is rebuilt from its run
-                "source": {n: p for n, p in inner.source.named_parameters() if p.requires_grad},
-                "optimizer": step_optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                "loader_rng": train_loader.generator.get_state() if isinstance(train_loader, TensorLoader) else None,
-            })
+            runs.save_checkpoint(ckpt_path, epoch, history, total_seconds, model, source, training.optimizer,
+                                 training.scheduler, loader_rng)
         if main and log is not None:
             log(f"epoch {epoch:3d}  loss {row['train_loss']:.4f}  acc {m['acc']:.4f}  nll {m['nll']:.4f}  "
                 f"ece {m['ece']:.4f}  {seconds:.1f}s")
-    unwrapped = accelerator.unwrap_model(prepared)
     last = history[-1]
     summary = {
         **(meta or {}),
@@ -301,12 +284,10 @@ def fit(model: nn.Module, source: TargetSource, train_data, test_data, cfg: Trai
         "device": str(device), "num_processes": accelerator.num_processes,
     }
     if main and run_dir is not None:
-        runs.save_weights(run_dir / runs.WEIGHTS, unwrapped.model)
-        if hasattr(unwrapped.source, "c_matrix") and callable(unwrapped.source.c_matrix):
-            class_names = (info.class_names if info else None) or [str(i) for i in range(unwrapped.source.num_classes)]
-            runs.save_c_matrix(run_dir / runs.C_MATRIX, unwrapped.source.c_matrix(), unwrapped.source.alpha,
-                               class_names, {"source": "lspp-learned", "dataset": str((meta or {}).get("dataset", ""))})
+        runs.save_weights(run_dir / runs.WEIGHTS, model)
+        class_names = (info.class_names if info else None) or [str(i) for i in range(source.num_classes)]
+        source.write_artifacts(run_dir, class_names, meta or {})
         runs.write_summary(run_dir, summary)
         ckpt_path.unlink(missing_ok=True)  # the finished run no longer needs it
     accelerator.wait_for_everyone()
-    return FitResult(unwrapped.model, unwrapped.source, summary, history)
+    return FitResult(model, source, summary, history)

@@ -158,11 +158,41 @@ def load_c_matrix(path: str | Path) -> tuple[torch.Tensor, dict[str, Any]]:
     return c, meta
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Everything needed to continue a run after its last finished epoch, written atomically."""
+def save_checkpoint(path: Path, epoch: int, history: list[dict[str, Any]], total_seconds: float,
+                    model: torch.nn.Module, source: torch.nn.Module, optimizer, scheduler,
+                    loader_rng: torch.Generator | None = None) -> None:
+    """Everything needed to continue a run after its last finished epoch, written atomically.
+
+    Only the source's trained state is kept (LS++'s C); a frozen teacher is rebuilt from its run.
+    """
+    state = {
+        "epoch": epoch, "history": history, "total_seconds": total_seconds,
+        "model": model.state_dict(),
+        "source": {n: p for n, p in source.named_parameters() if p.requires_grad},
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "loader_rng": loader_rng.get_state() if loader_rng is not None else None,
+    }
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
+
+
+def restore_checkpoint(path: Path, model: torch.nn.Module, source: torch.nn.Module, optimizer, scheduler,
+                       loader_rng: torch.Generator | None = None) -> tuple[int, list[dict[str, Any]], float]:
+    """Load a checkpoint into the training objects; returns (finished epoch, history, seconds so far)."""
+    state = load_checkpoint(path)
+    model.load_state_dict(state["model"])
+    source.load_state_dict(state["source"], strict=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    if state.get("cuda_rng") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    if state.get("loader_rng") is not None and loader_rng is not None:
+        loader_rng.set_state(state["loader_rng"])
+    return state["epoch"], state["history"], state["total_seconds"]
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

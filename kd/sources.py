@@ -6,23 +6,86 @@ give T[y], soft labels m (mixup, cutmix) give m @ T.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
 import torch
 from torch import nn
 
+from kd.errors import KDError
 from kd.losses import soft_cross_entropy
 
 
-class TargetSource(nn.Module):
-    """Base class. Subclasses implement :meth:`targets`; :meth:`loss_terms` trains on them."""
+@dataclass
+class SourceContext:
+    """What a source may need to build itself from a SPEC argument (see :meth:`TargetSource.from_spec`).
 
+    ``options`` holds the CLI / config options (alpha, temperature, hard_weight, ...); a value
+    of None means "not given": the source takes its own default. ``info`` is the data set's
+    :class:`kd.data.DatasetInfo` when there is one (a network teacher reads its normalisation).
+    ``teacher_model`` is only set by `kd bench`, which times sources on stand-in artifacts.
+    """
+
+    num_classes: int
+    dataset: str | None = None
+    num_train: int | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    info: Any = None
+    teacher_model: nn.Module | None = None
+
+    def option(self, name: str, default: Any = None) -> Any:
+        value = self.options.get(name)
+        return default if value is None else value
+
+
+class TargetSource(nn.Module):
+    """Base class. Subclasses implement :meth:`targets`; :meth:`loss_terms` trains on them.
+
+    A source module also describes itself to the source table (``teachers.SOURCES``): its
+    ``name``, whether labels alone build it (``label_only``: usable as `kd train-teacher
+    --method NAME`), what its SPEC argument is (``spec_arg``, for help text) and how a SPEC
+    builds it (:meth:`from_spec`).
+    """
+
+    #: The name in `--teacher NAME[:ARG]`, `--method NAME` and `kd bench` rows.
+    name: ClassVar[str] = ""
+    #: One line for the CLI help.
+    summary: ClassVar[str] = ""
+    #: What follows "NAME:" in a SPEC, for help text ("" when the source takes no argument).
+    spec_arg: ClassVar[str] = ""
+    #: True when labels alone build it: the source can train a network (`kd train-teacher --method`).
+    label_only: ClassVar[bool] = False
+    #: Printed as a warning when the student trains with random augmentation (None: no warning).
+    augmentation_warning: ClassVar[str | None] = None
     #: True when the source needs the batch inputs (a network teacher).
-    needs_inputs: bool = False
+    needs_inputs: ClassVar[bool] = False
     #: True when the source needs the sample indices (cached teacher outputs).
-    needs_index: bool = False
+    needs_index: ClassVar[bool] = False
 
     def __init__(self, num_classes: int):
         super().__init__()
         self.num_classes = int(num_classes)
+
+    @classmethod
+    def from_spec(cls, arg: str, ctx: SourceContext) -> "TargetSource":
+        """Build the source from the text after "NAME:" in a SPEC and the run's context."""
+        if arg:
+            raise KDError(f"teacher '{cls.name}' takes no argument, got '{cls.name}:{arg}'")
+        return cls(ctx.num_classes)
+
+    @classmethod
+    def bench_rows(cls) -> dict[str, dict[str, Any]]:
+        """`kd bench` rows this source adds: row name -> options its stand-in is built with."""
+        return {cls.name: {}}
+
+    @classmethod
+    def stand_in(cls, ctx: SourceContext) -> "TargetSource":
+        """An instance with artifacts of the right shape and random values, for `kd bench` rows."""
+        return cls.from_spec("", ctx)
+
+    def write_artifacts(self, run_dir: Path, class_names: list[str], meta: dict[str, Any]) -> None:
+        """Files the source leaves in a finished run directory beside the weights (default: none)."""
 
     def targets(
         self,
@@ -45,6 +108,20 @@ class TargetSource(nn.Module):
         """Named loss terms for the trainer to sum and log; default: CE against the targets."""
         t = self.targets(labels, inputs=inputs, index=index)
         return {"ce": soft_cross_entropy(logits, t)}
+
+
+def option_alpha(ctx: SourceContext, arg: str = "", default: float = 0.1, what: str = "alpha") -> float:
+    """alpha from a SPEC argument ("ls:0.2") or the options, checked to lie in (0, 1)."""
+    value: Any = ctx.option("alpha", default)
+    if arg:
+        try:
+            value = float(arg)
+        except ValueError:
+            raise KDError(f"bad {what} '{arg}': give a number, e.g. 0.1") from None
+    value = float(value)
+    if not 0.0 < value < 1.0:
+        raise KDError(f"alpha must lie in (0, 1), got {value}")
+    return value
 
 
 class TableSource(TargetSource):

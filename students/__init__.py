@@ -18,13 +18,13 @@ def distill(student: nn.Module, teacher: TargetSource, train_data, test_data, co
             progress: bool = True, log=print, resume: bool = False) -> FitResult:
     """Train ``student`` on the targets ``teacher`` emits; data sets yield (input, label) pairs.
 
-    ``teacher`` is any target source: ``teachers.label_source('onehot', K)``,
+    ``teacher`` is any target source: ``teachers.make_source('onehot', K)``,
     ``teachers.proxy.ProxyTeacher(C, alpha)``, ``teachers.network.NetworkTeacher(net, K)``,
     ``teachers.cached.CachedTeacher(logits)``, ...
     """
     cfg = (config or TrainConfig()).validate()
-    if getattr(teacher, "needs_index", False) and cfg.augment and info is not None and (info.crop_padding or info.flip):
-        warnings.warn("cached teacher outputs describe un-augmented inputs, but random augmentation is on; "
-                      "pass augment=False (--no-augment) to train on the inputs the cache describes", stacklevel=2)
+    warning = getattr(teacher, "augmentation_warning", None)
+    if warning and cfg.augment and info is not None and (info.crop_padding or info.flip):
+        warnings.warn(warning, stacklevel=2)
     return fit(student, teacher, train_data, test_data, cfg, info=info, run_dir=run_dir, meta=meta,
                progress=progress, log=log, resume=resume)

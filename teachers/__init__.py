@@ -1,67 +1,108 @@
-"""Target sources, one module per kind: onehot, smoothing (LS), lspp (LS++ and its trainer)."""
+"""The table of target sources: one module per source, one line per source here.
+
+``SOURCES`` maps a name to its :class:`kd.sources.TargetSource` subclass. The CLI's choices
+and help, the SPEC parser, `kd train-teacher --method` and the `kd bench` rows are all read
+from it. Installed packages add sources through the entry-point group ``proxykd.sources``
+(name = "package.module:ClassName"); they are read once, when this package is imported, and
+treated exactly like the built-in ones.
+"""
 from __future__ import annotations
 
+import warnings
+from importlib.metadata import entry_points
+
 from kd.errors import KDError
-from kd.sources import TargetSource
+from kd.sources import SourceContext, TargetSource
+from teachers.cached import CachedTeacher
+from teachers.lspp import LSPPLoss
+from teachers.network import NetworkTeacher
+from teachers.onehot import OneHot
+from teachers.proxy import ProxyTeacher
+from teachers.smoothing import LabelSmoothing
 
 DEFAULT_ALPHA = 0.1
+ENTRY_POINT_GROUP = "proxykd.sources"
+
+BUILTIN: tuple[type[TargetSource], ...] = (OneHot, LabelSmoothing, LSPPLoss, ProxyTeacher, NetworkTeacher, CachedTeacher)
+
+
+def _discover() -> dict[str, type[TargetSource]]:
+    """Built-in sources, then those installed packages declare under ``proxykd.sources``."""
+    table = {cls.name: cls for cls in BUILTIN}
+    seen: dict[str, str] = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if seen.get(ep.name) == ep.value:
+            continue  # the same distribution found twice on sys.path
+        if ep.name in table:
+            warnings.warn(f"source '{ep.name}' ({ep.value}) reuses a name already taken; ignored")
+            continue
+        seen[ep.name] = ep.value
+        try:
+            cls = ep.load()
+        except Exception as e:  # a broken plug-in must not break the built-in sources
+            warnings.warn(f"source '{ep.name}' ({ep.value}) could not be loaded: {type(e).__name__}: {e}")
+            continue
+        if not (isinstance(cls, type) and issubclass(cls, TargetSource)):
+            warnings.warn(f"source '{ep.name}' ({ep.value}) is not a kd.sources.TargetSource subclass; ignored")
+            continue
+        table[ep.name] = cls
+    return table
+
+
+SOURCES: dict[str, type[TargetSource]] = _discover()
+
+
+def label_methods() -> list[str]:
+    """Sources built from labels alone: what `kd train-teacher --method` accepts."""
+    return [name for name, cls in SOURCES.items() if cls.label_only]
+
+
+def spec_forms() -> list[str]:
+    """Each source's SPEC as a user types it: ``onehot``, ``ls[:ALPHA]``, ``proxy:PATH``, ..."""
+    out = []
+    for name, cls in SOURCES.items():
+        arg = cls.spec_arg
+        out.append(name if not arg else (f"{name}[:{arg[1:-1]}]" if arg.startswith("[") else f"{name}:{arg}"))
+    return out
+
+
+def spec_help() -> str:
+    return " | ".join(spec_forms())
+
+
+def _lookup(name: str, label_only: bool) -> type[TargetSource]:
+    cls = SOURCES.get(name)
+    if cls is None or (label_only and not cls.label_only):
+        choices = label_methods() if label_only else spec_forms()
+        what = "method" if label_only else "teacher"
+        raise KDError(f"unknown {what} '{name}'; choose {' | '.join(choices)}")
+    return cls
+
+
+def make_source(name: str, num_classes: int, *, arg: str = "", dataset: str | None = None,
+                num_train: int | None = None, info=None, label_only: bool = False, **options) -> TargetSource:
+    """Build source ``name`` for K = ``num_classes``; ``options`` are alpha, temperature, hard_weight, ...
+
+    ``arg`` is what follows "NAME:" in a SPEC (a path for proxy, network and cached). With
+    ``label_only`` only the sources that train from labels alone are accepted.
+    """
+    cls = _lookup(name, label_only)
+    ctx = SourceContext(int(num_classes), dataset, num_train, dict(options), info)
+    return cls.from_spec(arg, ctx)
+
+
+def teacher_from_spec(spec: str, info, num_train: int | None = None, **options) -> TargetSource:
+    """Parse a teacher SPEC ("NAME" or "NAME:ARG") into a source checked against the data set ``info``."""
+    name, _, arg = spec.partition(":")
+    if name not in SOURCES:
+        raise KDError(f"unknown teacher '{spec}'; use {spec_help()}")
+    return make_source(name, info.num_classes, arg=arg, dataset=info.name, num_train=num_train, info=info, **options)
 
 
 def label_source(method: str, num_classes: int, alpha: float | None = None) -> TargetSource:
-    """The source a teacher is trained with: ``onehot``, ``ls`` or ``lspp``."""
-    from teachers.lspp import LSPPLoss
-    from teachers.onehot import OneHot
-    from teachers.smoothing import LabelSmoothing
-
-    a = DEFAULT_ALPHA if alpha is None else float(alpha)
-    if method == "onehot":
-        return OneHot(num_classes)
-    if method == "ls":
-        return LabelSmoothing(num_classes, a)
-    if method == "lspp":
-        return LSPPLoss(num_classes, a)
-    raise KDError(f"unknown method '{method}'; choose onehot, ls or lspp")
+    """The source a teacher network is trained with (``onehot``, ``ls``, ``lspp``, ...)."""
+    return make_source(method, num_classes, label_only=True, alpha=alpha)
 
 
-SPEC_HELP = (
-    "onehot | ls[:ALPHA] | proxy:PATH (a c_matrix.safetensors or an LS++ run) | "
-    "network:RUN_DIR (online KD) | cached:FILE (from `kd teacher cache`)"
-)
-
-
-def teacher_from_spec(spec: str, info, num_train: int | None = None, *, alpha: float | None = None,
-                      temperature: float | None = None, hard_weight: float = 0.0) -> TargetSource:
-    """Parse a teacher SPEC into a source checked against the data set described by ``info``."""
-    kind, _, arg = spec.partition(":")
-    k = info.num_classes
-    if kind in ("onehot", "ls") and (kind == "ls" or not arg):
-        if arg:
-            try:
-                alpha = float(arg)
-            except ValueError:
-                raise KDError(f"bad teacher '{spec}': ls:ALPHA needs a number, e.g. ls:0.1") from None
-            if not 0 < alpha < 1:
-                raise KDError(f"bad teacher '{spec}': alpha must lie in (0, 1)")
-        return label_source(kind, k, alpha)
-    if kind == "proxy" and arg:
-        from teachers.proxy import load_proxy
-
-        src = load_proxy(arg, alpha=alpha, num_classes=k)
-        ds = src.meta.get("dataset")
-        if ds and ds != info.name:
-            raise KDError(f"{arg}: the C-matrix was made on data set '{ds}', not '{info.name}'")
-        return src
-    if kind == "network" and arg:
-        from teachers.network import NetworkTeacher, load_teacher_network, normalisation_affine
-
-        model, meta = load_teacher_network(arg)
-        if meta.get("dataset") != info.name:
-            raise KDError(f"teacher run {arg} was trained on '{meta.get('dataset')}', not '{info.name}'")
-        if meta["num_classes"] != k:
-            raise KDError(f"teacher run {arg} has K={meta['num_classes']} classes but the data set has {k}")
-        return NetworkTeacher(model, k, temperature, hard_weight, normalisation_affine(meta, info.mean, info.std))
-    if kind == "cached" and arg:
-        from teachers.cached import load_cache
-
-        return load_cache(arg, info.name, num_train, k)
-    raise KDError(f"unknown teacher '{spec}'; use {SPEC_HELP}")
+__all__ = ["SOURCES", "DEFAULT_ALPHA", "make_source", "teacher_from_spec", "label_source", "label_methods",
+           "spec_help", "SourceContext", "TargetSource"]

@@ -15,13 +15,29 @@ from safetensors.torch import save_file
 from kd import runs
 from kd.errors import KDError
 from kd.losses import soft_cross_entropy
-from kd.sources import TargetSource
+from kd.sources import SourceContext, TargetSource
 
 
 class CachedTeacher(TargetSource):
     """Targets = softmax(cached_logits[index]): an N x K table gathered by sample index."""
 
+    name = "cached"
+    summary = "offline KD: teacher outputs cached once per training sample (from `kd teacher cache`)"
+    spec_arg = "FILE"
     needs_index = True
+    augmentation_warning = ("cached teacher outputs describe un-augmented inputs, but random augmentation is on; "
+                            "pass augment=False (--no-augment) to train on the inputs the cache describes")
+
+    @classmethod
+    def from_spec(cls, arg: str, ctx: SourceContext) -> "CachedTeacher":
+        if not arg:
+            raise KDError("teacher 'cached' needs a file: cached:FILE (make one with `kd teacher cache RUN_DIR --out FILE`)")
+        return load_cache(arg, ctx.dataset, ctx.num_train, ctx.num_classes)
+
+    @classmethod
+    def stand_in(cls, ctx: SourceContext) -> "CachedTeacher":
+        n = ctx.num_train or 10_000
+        return cls(torch.randn(n, ctx.num_classes, generator=torch.Generator().manual_seed(0)))
 
     def __init__(self, logits: torch.Tensor):
         logits = torch.as_tensor(logits, dtype=torch.float32)

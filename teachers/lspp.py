@@ -17,8 +17,12 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from kd import runs
+from kd.config import TrainConfig
+from kd.data import infer_num_classes
+from kd.engine import fit
 from kd.errors import KDError
-from kd.sources import TargetSource
+from kd.sources import SourceContext, TargetSource, option_alpha
 
 
 def _check_alpha(alpha: float) -> float:
@@ -30,6 +34,20 @@ def _check_alpha(alpha: float) -> float:
 
 class LSPPLoss(TargetSource):
     """LS++ loss with its learnable C; the (K, K-1) logits are its only parameter."""
+
+    name = "lspp"
+    summary = "Label Smoothing++: targets (1 - alpha) onehot + alpha C[y], C learned with the network (--alpha, default 0.1)"
+    spec_arg = "[ALPHA]"
+    label_only = True
+
+    @classmethod
+    def from_spec(cls, arg: str, ctx: SourceContext) -> "LSPPLoss":
+        return cls(ctx.num_classes, option_alpha(ctx, arg, what="'lspp:ALPHA'"))
+
+    def write_artifacts(self, run_dir, class_names, meta) -> None:
+        """The learned C-matrix, for `--teacher proxy:RUN_DIR`."""
+        runs.save_c_matrix(run_dir / runs.C_MATRIX, self.c_matrix(), self.alpha, class_names,
+                           {"source": "lspp-learned", "dataset": str(meta.get("dataset", ""))})
 
     def __init__(self, num_classes: int, alpha: float = 0.1):
         if num_classes < 2:
@@ -90,14 +108,11 @@ def train_teacher(model: nn.Module, train_data, test_data, config=None, *, num_c
     Returns the engine's FitResult: ``.model`` is the network teacher and, for LS++,
     ``.source.c_matrix()`` its learned C-matrix.
     """
-    from kd.config import TrainConfig
-    from kd.data import infer_num_classes
-    from kd.engine import fit
-    from teachers import label_source
+    from teachers import make_source
 
     cfg = (config or TrainConfig()).validate()
     k = num_classes or (info.num_classes if info is not None else infer_num_classes(train_data))
-    source = label_source(cfg.method, k, cfg.alpha)
+    source = make_source(cfg.method, k, label_only=True, **cfg.source_options())
     return fit(model, source, train_data, test_data, cfg, info=info, run_dir=run_dir, meta=meta,
                progress=progress, log=log)
 

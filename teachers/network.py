@@ -14,13 +14,37 @@ from torch import nn
 from kd import runs
 from kd.errors import KDError
 from kd.losses import hinton_kd_loss, soft_cross_entropy
-from kd.sources import TargetSource
+from kd.models import create_model
+from kd.sources import SourceContext, TargetSource
 
 
 class NetworkTeacher(TargetSource):
     """A frozen teacher: eval mode always, no gradient, never in the optimiser."""
 
+    name = "network"
+    summary = ("online KD: a trained teacher run executed on every batch (CE on its probabilities; "
+               "--temperature for Hinton's loss)")
+    spec_arg = "RUN_DIR"
     needs_inputs = True
+
+    @classmethod
+    def from_spec(cls, arg: str, ctx: SourceContext) -> "NetworkTeacher":
+        if not arg:
+            raise KDError("teacher 'network' needs a run directory: network:RUN_DIR (from `kd train-teacher`)")
+        model, meta = load_teacher_network(arg)
+        k = ctx.num_classes
+        if ctx.dataset is not None and meta.get("dataset") != ctx.dataset:
+            raise KDError(f"teacher run {arg} was trained on '{meta.get('dataset')}', not '{ctx.dataset}'")
+        if meta["num_classes"] != k:
+            raise KDError(f"teacher run {arg} has K={meta['num_classes']} classes but the data set has {k}")
+        affine = normalisation_affine(meta, ctx.info.mean, ctx.info.std) if ctx.info is not None else None
+        return cls(model, k, ctx.option("temperature"), ctx.option("hard_weight", 0.0), affine)
+
+    @classmethod
+    def stand_in(cls, ctx: SourceContext) -> "NetworkTeacher":
+        if ctx.teacher_model is None:
+            raise KDError("a network row needs a teacher model")
+        return cls(ctx.teacher_model, ctx.num_classes)
 
     def __init__(self, teacher: nn.Module, num_classes: int, temperature: float | None = None,
                  hard_weight: float = 0.0, input_affine: tuple[torch.Tensor, torch.Tensor] | None = None):
@@ -65,8 +89,6 @@ class NetworkTeacher(TargetSource):
 
 def load_teacher_network(run_dir: str | Path) -> tuple[nn.Module, dict]:
     """Rebuild a finished run's network from its summary.json and model.safetensors."""
-    from kd.models import create_model
-
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise KDError(f"teacher run {run_dir} does not exist; train one with `kd train-teacher --out {run_dir}`")

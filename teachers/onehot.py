@@ -9,6 +9,10 @@ from kd.sources import TableSource, one_hot_table
 class OneHot(TableSource):
     """Targets = onehot(y). Integer labels take torch's fused cross-entropy."""
 
+    name = "onehot"
+    summary = "the labels themselves (plain cross-entropy)"
+    label_only = True
+
     def __init__(self, num_classes: int):
         super().__init__(one_hot_table(num_classes))
 

@@ -13,11 +13,31 @@ import torch
 
 from kd import runs
 from kd.errors import KDError
-from kd.sources import TableSource, proxy_table
+from kd.sources import SourceContext, TableSource, proxy_table
 
 
 class ProxyTeacher(TableSource):
     """Frozen C-matrix source: targets = (1 - alpha) * onehot(y) + alpha * C[y]."""
+
+    name = "proxy"
+    summary = "PT-LS++: a frozen C-matrix (a c_matrix.safetensors, or an LS++ run directory holding one)"
+    spec_arg = "PATH"
+
+    @classmethod
+    def from_spec(cls, arg: str, ctx: SourceContext) -> "ProxyTeacher":
+        if not arg:
+            raise KDError("teacher 'proxy' needs a path: proxy:PATH (a c_matrix.safetensors or an LS++ run directory)")
+        src = load_proxy(arg, alpha=ctx.option("alpha"), num_classes=ctx.num_classes)
+        ds = src.meta.get("dataset")
+        if ds and ctx.dataset and ds != ctx.dataset:
+            raise KDError(f"{arg}: the C-matrix was made on data set '{ds}', not '{ctx.dataset}'")
+        return src
+
+    @classmethod
+    def stand_in(cls, ctx: SourceContext) -> "ProxyTeacher":
+        k = ctx.num_classes
+        c = torch.rand(k, k, generator=torch.Generator().manual_seed(0)).fill_diagonal_(0)
+        return cls(c / c.sum(1, keepdim=True), ctx.option("alpha", 0.1))
 
     def __init__(self, c_matrix: torch.Tensor, alpha: float = 0.1, meta: dict | None = None):
         c = torch.as_tensor(c_matrix, dtype=torch.float32)

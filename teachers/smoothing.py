@@ -1,7 +1,7 @@
 """Label smoothing: alpha spread uniformly over all K classes, as torch's ``label_smoothing``."""
 from __future__ import annotations
 
-from kd.sources import TableSource, smoothing_table
+from kd.sources import SourceContext, TableSource, option_alpha, smoothing_table
 
 
 class LabelSmoothing(TableSource):
@@ -11,6 +11,15 @@ class LabelSmoothing(TableSource):
     value to ``F.cross_entropy(..., label_smoothing=alpha)`` and, measured with `kd bench`,
     cheaper per step than torch's label-smoothing path, which is not fused.
     """
+
+    name = "ls"
+    summary = "label smoothing: alpha spread uniformly over the K classes (ls:ALPHA or --alpha, default 0.1)"
+    spec_arg = "[ALPHA]"
+    label_only = True
+
+    @classmethod
+    def from_spec(cls, arg: str, ctx: SourceContext) -> "LabelSmoothing":
+        return cls(ctx.num_classes, option_alpha(ctx, arg, what="teacher 'ls:ALPHA'"))
 
     def __init__(self, num_classes: int, alpha: float = 0.1):
         super().__init__(smoothing_table(num_classes, alpha))

@@ -12,7 +12,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 @pytest.fixture
 def kd_main(capsys):
     """Run the CLI in-process; returns (exit code, stdout, stderr)."""
-    from kd.cli import main
+    from kd.app.cli import main
 
     def run(*argv):
         try:

@@ -6,7 +6,7 @@ import sys
 import pandas as pd
 import pytest
 
-from benchmarks.cost import SOURCES, markdown, run_bench
+from benchmarks.cost import bench_rows, markdown, run_bench
 from conftest import ROOT
 
 COLUMNS = ["source", "step_ms_median", "step_ms_min", "step_ms_max", "images_per_s", "ratio_vs_onehot",
@@ -15,7 +15,7 @@ COLUMNS = ["source", "step_ms_median", "step_ms_min", "step_ms_max", "images_per
 
 def test_every_source_has_a_row_and_ratios_come_from_medians():
     df = run_bench("digits", steps=1, repeats=3, warmup=1, batch_size=16, log=None)
-    assert df["source"].tolist() == list(SOURCES)
+    assert df["source"].tolist() == bench_rows()
     assert set(COLUMNS) <= set(df.columns)
     onehot = df.set_index("source").loc["onehot", "step_ms_median"]
     for r in df.itertuples():
@@ -55,7 +55,7 @@ def test_gpu_script_logic_runs_every_preset_on_cpu(tmp_path):
     assert files == sorted(f"cost_{p}_cpu.csv" for p in
                            ("tinyimagenet-r101-shufflenet", "cifar100-r34-r18", "fmnist-lenet", "digits"))
     df = pd.read_csv(tmp_path / "cost_tinyimagenet-r101-shufflenet_cpu.csv")
-    assert df["source"].tolist() == list(SOURCES) and (df["channels_last"]).all()
+    assert df["source"].tolist() == bench_rows() and (df["channels_last"]).all()
 
 
 def test_loader_ratio_times_real_and_in_memory_epochs_of_the_same_steps():

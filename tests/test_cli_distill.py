@@ -7,7 +7,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from kd.cli import main
+from kd.app.cli import main
 
 
 def cli(*argv):
@@ -108,7 +108,8 @@ def test_bad_teacher_input_is_one_line_exit_2_and_writes_nothing(teachers_dir, t
     _expect_error(capsys, "truncated", *base, f"cached:{cache_trunc}")
 
     _expect_error(capsys, "unknown teacher 'wizard:x'", *base, "wizard:x")
-    _expect_error(capsys, "unknown teacher 'proxy'", *base, "proxy")
+    _expect_error(capsys, "teacher 'proxy' needs a path", *base, "proxy")
+    _expect_error(capsys, "takes no argument", *base, "onehot:0.3")
     assert not out.exists()
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kd.config import TrainConfig
-from kd.engine import Objective, build_optimizer, fit, lr_lambda
+from kd.engine import build_optimizer, fit, lr_lambda
 from kd.models import MLP
 from teachers.lspp import LSPPLoss
 from teachers.onehot import OneHot
@@ -27,10 +27,10 @@ def test_schedule_warms_up_then_decays():
 
 
 def test_c_logits_can_be_excluded_from_weight_decay():
-    obj = Objective(MLP(4, 3), LSPPLoss(3))
-    groups = build_optimizer(obj, TrainConfig(weight_decay=0.1, c_weight_decay=False)).param_groups
+    source = LSPPLoss(3)
+    groups = build_optimizer(MLP(4, 3), source, TrainConfig(weight_decay=0.1, c_weight_decay=False)).param_groups
     assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
-    assert groups[1]["params"][0] is obj.source.c_logits
+    assert groups[1]["params"][0] is source.c_logits
 
 
 def test_fit_trains_any_module_on_a_tensor_dataset_and_learns_c():

@@ -15,7 +15,7 @@ def test_readme_python_example_runs(capsys):
 
 
 def test_demo_prints_teacher_and_four_students(capsys):
-    from kd.demo import run_demo
+    from kd.app.demo import run_demo
 
     rows = run_demo(teacher_epochs=1, student_epochs=2, device="cpu")
     out = capsys.readouterr().out

@@ -5,9 +5,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kd.cli import main
+from kd.app.cli import main
 from kd.config import TrainConfig
-from kd.jobs import train_teacher_job
+from kd.app.jobs import train_teacher_job
 
 
 class Killed(Exception):

@@ -2,7 +2,7 @@
 import pandas as pd
 import pytest
 
-from benchmarks.accuracy import load_sweep, run_sweep, summary_table
+from kd.app.sweep import load_sweep, run_sweep, summary_table
 from kd.errors import KDError
 
 SWEEP = """
@@ -42,7 +42,7 @@ def test_sweep_runs_the_grid_writes_tidy_results_and_resumes(tmp_path):
 
     # A run killed after a finished epoch continues from its checkpoint instead.
     from kd.config import TrainConfig
-    from kd.jobs import distill_job
+    from kd.app.jobs import distill_job
 
     killed = tmp_path / "runs" / "alone" / "seed0"
     for p in killed.iterdir():

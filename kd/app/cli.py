@@ -2,13 +2,18 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
-from typing import TYPE_CHECKING
 
+import teachers
+from benchmarks.cost import PRESETS, bench_rows, markdown, run_bench
+from benchmarks.loader import loader_ratio
+from kd.app.demo import run_demo
+from kd.app.jobs import cache_job, distill_job, export_proxy_job, train_teacher_job
+from kd.app.sweep import run_sweep, summary_table
+from kd.config import TrainConfig, load_yaml_config
 from kd.errors import KDError
-
-if TYPE_CHECKING:
-    from kd.config import TrainConfig
+from kd.runs import check_new_file, launch_rank, resumable_config
 
 
 class _Parser(argparse.ArgumentParser):
@@ -51,9 +56,7 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
                    help="continue the unfinished run in --out from its last finished epoch (its own config.yaml)")
 
 
-def config_from_args(args: argparse.Namespace, skip: tuple[str, ...] = ()) -> "TrainConfig":
-    from kd.config import TrainConfig, load_yaml_config
-
+def config_from_args(args: argparse.Namespace, skip: tuple[str, ...] = ()) -> TrainConfig:
     cfg = TrainConfig()
     if getattr(args, "config", None):
         cfg = cfg.updated(load_yaml_config(args.config), where=args.config)
@@ -64,13 +67,7 @@ def config_from_args(args: argparse.Namespace, skip: tuple[str, ...] = ()) -> "T
 
 def _train(args, student: bool) -> int:
     """`kd train-teacher` and `kd distill`: resolve the config, run the job, print the final metrics."""
-    from kd.jobs import distill_job, train_teacher_job
-    from kd.runs import launch_rank
-
     if args.resume:
-        from kd.config import TrainConfig
-        from kd.runs import resumable_config
-
         if getattr(args, "config", None) or any(k in TrainConfig.__dataclass_fields__ for k in vars(args)):
             raise KDError("--resume continues a run with its own config.yaml; give only --out (and --quiet)")
         cfg = TrainConfig.from_dict(resumable_config(args.out), where=f"{args.out}/config.yaml").validate()
@@ -95,8 +92,6 @@ def _cmd_distill(args) -> int:
 
 
 def _cmd_proxy_export(args) -> int:
-    from kd.jobs import export_proxy_job
-
     if args.alpha is not None and not 0 < args.alpha < 1:
         raise KDError(f"--alpha must lie in (0, 1), got {args.alpha}")
     out = export_proxy_job(args.run_dir, args.out, args.source, args.alpha, args.data_root, args.device)
@@ -105,18 +100,12 @@ def _cmd_proxy_export(args) -> int:
 
 
 def _cmd_teacher_cache(args) -> int:
-    from kd.jobs import cache_job
-
     out = cache_job(args.run_dir, args.dataset, args.out, args.data_root, args.device)
     print(f"teacher outputs -> {out}")
     return 0
 
 
 def _cmd_bench(args) -> int:
-    from benchmarks.cost import markdown, run_bench
-
-    from kd.runs import check_new_file
-
     out = check_new_file(args.out) if args.out else None
     sources = tuple(s.strip() for s in args.sources.split(",") if s.strip())
     df = run_bench(args.preset, args.device, args.batch_size, args.steps, args.repeats, args.warmup, args.amp,
@@ -130,12 +119,6 @@ def _cmd_bench(args) -> int:
 
 
 def _cmd_loader_bench(args) -> int:
-    import json
-
-    from benchmarks.loader import loader_ratio
-
-    from kd.runs import check_new_file
-
     out = check_new_file(args.out) if args.out else None
     r = loader_ratio(args.dataset, args.model, args.batch_size, args.repeats, args.data_root, args.device,
                      log=None if args.quiet else print)
@@ -149,16 +132,12 @@ def _cmd_loader_bench(args) -> int:
 
 
 def _cmd_sweep(args) -> int:
-    from benchmarks.accuracy import run_sweep, summary_table
-
     df = run_sweep(args.file, log=None if args.quiet else print)
     print(summary_table(df))
     return 0
 
 
 def _cmd_demo(args) -> int:
-    from kd.demo import run_demo
-
     run_demo(out=args.out, teacher_epochs=args.teacher_epochs, student_epochs=args.student_epochs, device=args.device)
     return 0
 
@@ -167,20 +146,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="kd", description="proxykd: train Label Smoothing++ teachers and distill students from networks or C-matrices.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    p = sub.add_parser("train-teacher", help="train a network with 1-hot, LS or LS++ targets",
-                       description="Train a teacher network. With --method lspp the run also holds its learned C-matrix.")
-    p.add_argument("--method", choices=["onehot", "ls", "lspp"], default=S, help="default lspp")
+    methods = teachers.label_methods()
+    method_help = "; ".join(f"{m}: {teachers.SOURCES[m].summary}" for m in methods)
+    p = sub.add_parser("train-teacher", help="train a network with a label-only source (" + ", ".join(methods) + ")",
+                       description="Train a teacher network. With --method lspp the run also holds its learned "
+                       "C-matrix. Methods: " + method_help + ".")
+    p.add_argument("--method", choices=methods, default=S, help="default lspp")
     p.add_argument("--out", required=True, help="new run directory (must not exist or be empty)")
     add_train_flags(p)
     p.set_defaults(func=_cmd_train_teacher)
 
-    from teachers import SPEC_HELP
-
+    spec_help = teachers.spec_help()
+    sources_help = "; ".join(f"{n}: {c.summary}" for n, c in teachers.SOURCES.items())
     p = sub.add_parser("distill", help="train a student from a teacher SPEC",
-                       description="Train a student from a teacher source. SPEC: " + SPEC_HELP + ". "
-                       "Cached rows describe un-augmented inputs: combine cached: with --no-augment "
-                       "(a warning is printed when augmentation is on).")
-    p.add_argument("--teacher", default=S, metavar="SPEC", help="required (unless --resume): " + SPEC_HELP)
+                       description="Train a student from a teacher source. SPEC: " + spec_help + ". Sources: "
+                       + sources_help + ". Cached rows describe un-augmented inputs: combine cached: with "
+                       "--no-augment (a warning is printed when augmentation is on).")
+    p.add_argument("--teacher", default=S, metavar="SPEC", help="required (unless --resume): " + spec_help)
     p.add_argument("--student", dest="model", default=S, help="student model name (default: the data set's)")
     p.add_argument("--out", required=True, help="new run directory (must not exist or be empty)")
     p.add_argument("--temperature", type=float, default=S,
@@ -216,11 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     c.set_defaults(func=_cmd_teacher_cache)
 
-    from benchmarks.cost import PRESETS, SOURCES
-
+    rows = bench_rows()
     p = sub.add_parser("bench", help="time one training step per teacher source, side by side",
                        description="Time a full training step of a preset's student for each target source "
-                       "(bare PyTorch loop, onehot, ls, proxy, cached, network, lspp), interleaved over repeats; "
+                       "(bare PyTorch loop, then every registered source on stand-in artifacts: " + ", ".join(rows[1:])
+                       + "), interleaved over repeats; "
                        "prints medians and ratios to onehot.")
     p.add_argument("--preset", required=True, choices=list(PRESETS))
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -230,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per source before timing")
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
     p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--sources", default=",".join(SOURCES), help="comma-separated subset of " + ",".join(SOURCES))
+    p.add_argument("--sources", default=",".join(rows), help="comma-separated subset of " + ",".join(rows))
     p.add_argument("--data", default=None, metavar="DATASET", help="draw batches from this real data set's loader instead of synthetic tensors")
     p.add_argument("--data-root", default=None)
     p.add_argument("--out", default=None, metavar="FILE.csv", help="also write the rows as CSV (new file)")
@@ -252,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help="a grid of runs x seeds from one YAML file, resumable",
                        description="Run every (run, seed) of a sweep file, skipping finished runs, then write a tidy "
-                       "CSV and a markdown table of mean +- std over seeds. See benchmarks/accuracy.py for the format.")
+                       "CSV and a markdown table of mean +- std over seeds. See kd/app/sweep.py for the format.")
     p.add_argument("file")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_sweep)

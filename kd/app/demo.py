@@ -9,6 +9,11 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+import torch
+
+from benchmarks.cost import markdown, run_bench
+from kd import runs
+from kd.app.jobs import distill_job, train_teacher_job
 from kd.config import TrainConfig
 
 TEACHER_MODEL = "resnet18"
@@ -34,10 +39,6 @@ def _row(name: str, summary: dict) -> dict:
 
 def print_cost_table(device: str = "auto", steps: int = 3, repeats: int = 5) -> None:
     """What one student step costs with each teacher kind, measured side by side (see `kd bench`)."""
-    import torch
-
-    from benchmarks.cost import markdown, run_bench
-
     dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
     print(f"\nCost of one student training step on {dev} (`kd bench --preset digits` for the full table)")
     df = run_bench("digits", dev, steps=steps, repeats=repeats, sources=("onehot", "proxy", "network"), log=None)
@@ -45,9 +46,6 @@ def print_cost_table(device: str = "auto", steps: int = 3, repeats: int = 5) -> 
 
 
 def run_demo(out: str | None = None, teacher_epochs: int = 15, student_epochs: int = 30, device: str = "auto") -> list[dict]:
-    from kd import runs
-    from kd.jobs import distill_job, train_teacher_job
-
     tmp = None
     if out is None:
         tmp = tempfile.TemporaryDirectory(prefix="kd-demo-")

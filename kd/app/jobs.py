@@ -4,7 +4,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import warnings
+
 import torch
+from accelerate.utils import set_seed
 
 from kd import runs
 from kd.config import TrainConfig
@@ -12,6 +15,11 @@ from kd.data import DataSplit, load_dataset
 from kd.engine import FitResult, fit, predict
 from kd.errors import KDError
 from kd.models import create_model
+from students import distill
+from teachers import DEFAULT_ALPHA, make_source, teacher_from_spec
+from teachers.cached import save_cache
+from teachers.network import load_teacher_network
+from teachers.proxy import measure_c_matrix
 
 
 def model_meta(cfg: TrainConfig, split: DataSplit, model_name: str) -> dict[str, Any]:
@@ -26,8 +34,6 @@ def model_meta(cfg: TrainConfig, split: DataSplit, model_name: str) -> dict[str,
 
 
 def build_model(cfg: TrainConfig, split: DataSplit):
-    from accelerate.utils import set_seed
-
     name = cfg.model or split.info.default_model
     set_seed(cfg.seed)
     info = split.info
@@ -50,16 +56,14 @@ def _start_or_continue(out: str | Path, resolved: TrainConfig, resume: bool) -> 
 
 def train_teacher_job(cfg: TrainConfig, out: str | Path, progress: bool = True, log=print,
                       resume: bool = False) -> FitResult:
-    """`kd train-teacher`: train a network with 1-hot, LS or LS++ targets into run directory ``out``."""
-    from teachers import DEFAULT_ALPHA, label_source
-
+    """`kd train-teacher`: train a network with a label-only source (1-hot, LS, LS++, ...) into ``out``."""
     cfg.validate()
     _open_run(out, resume)
     split = load_dataset(cfg.dataset, cfg.data_root, cfg.download)
+    source = make_source(cfg.method, split.info.num_classes, label_only=True, dataset=split.info.name,
+                         num_train=len(split.train), info=split.info, **cfg.source_options())
     name, model = build_model(cfg, split)
-    alpha = cfg.alpha if cfg.alpha is not None else DEFAULT_ALPHA
-    source = label_source(cfg.method, split.info.num_classes, alpha)
-    resolved = cfg.updated({"model": name, "alpha": alpha if cfg.method != "onehot" else None})
+    resolved = cfg.updated({"model": name, "alpha": getattr(source, "alpha", None)})
     run_dir = _start_or_continue(out, resolved, resume)
     meta = {"kind": "teacher", "method": cfg.method, "alpha": resolved.alpha, **model_meta(cfg, split, name)}
     return fit(model, source, split.train, split.test, resolved, info=split.info, run_dir=run_dir,
@@ -69,18 +73,12 @@ def train_teacher_job(cfg: TrainConfig, out: str | Path, progress: bool = True, 
 def distill_job(cfg: TrainConfig, out: str | Path, progress: bool = True, log=print,
                 resume: bool = False) -> FitResult:
     """`kd distill`: train a student (cfg.model) from the teacher SPEC cfg.teacher into ``out``."""
-    import warnings
-
-    from students import distill
-    from teachers import teacher_from_spec
-
     cfg.validate()
     if not cfg.teacher:
         raise KDError("--teacher SPEC is required")
     _open_run(out, resume)
     split = load_dataset(cfg.dataset, cfg.data_root, cfg.download)
-    teacher = teacher_from_spec(cfg.teacher, split.info, len(split.train), alpha=cfg.alpha,
-                                temperature=cfg.temperature, hard_weight=cfg.hard_weight)
+    teacher = teacher_from_spec(cfg.teacher, split.info, len(split.train), **cfg.source_options())
     name, student = build_model(cfg, split)
     resolved = cfg.updated({"model": name, "alpha": getattr(teacher, "alpha", None)})
     run_dir = _start_or_continue(out, resolved, resume)
@@ -93,8 +91,6 @@ def distill_job(cfg: TrainConfig, out: str | Path, progress: bool = True, log=pr
 
 
 def _teacher_train_logits(run_dir: Path, dataset: str | None, data_root: str | None, device: str):
-    from teachers.network import load_teacher_network
-
     model, meta = load_teacher_network(run_dir)
     name = dataset or meta["dataset"]
     split = load_dataset(name, data_root)
@@ -114,9 +110,6 @@ def export_proxy_job(run_dir: str | Path, out: str | Path, source: str = "auto",
     network's training-set softmax, diagonal removed, rows renormalised) or ``auto``
     (learned where there is one).
     """
-    from teachers import DEFAULT_ALPHA
-    from teachers.proxy import measure_c_matrix
-
     run_dir, out = Path(run_dir), runs.check_new_file(out)
     meta = runs.read_summary(run_dir)
     has_learned = (run_dir / runs.C_MATRIX).is_file()
@@ -142,8 +135,6 @@ def export_proxy_job(run_dir: str | Path, out: str | Path, source: str = "auto",
 def cache_job(run_dir: str | Path, dataset: str | None, out: str | Path, data_root: str | None = None,
               device: str = "auto") -> Path:
     """`kd teacher cache`: the teacher's logits for every training sample, in data set order."""
-    from teachers.cached import save_cache
-
     out = runs.check_new_file(out)
     logits, _, meta, split = _teacher_train_logits(Path(run_dir), dataset, data_root, device)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -14,24 +14,21 @@ checkpoint. A run directory left with neither a summary nor a checkpoint is move
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import json
 import time
 from pathlib import Path
 from typing import Any
 
-from kd.errors import KDError
+import pandas as pd
 
-if TYPE_CHECKING:
-    import pandas as pd
+from kd.app.jobs import distill_job, export_proxy_job, train_teacher_job
+from kd.config import TrainConfig, load_yaml_config
+from kd.errors import KDError
 
 VERBS = ("train-teacher", "distill", "proxy-export")
 
 
 def load_sweep(path: str | Path) -> dict[str, Any]:
-    from kd.config import TrainConfig, load_yaml_config
-
     spec = load_yaml_config(path)
     for key in ("runs_dir", "results", "runs"):
         if key not in spec:
@@ -59,10 +56,7 @@ def _run_dir(spec, name: str, seed: int) -> Path:
     return Path(spec["runs_dir"]) / name / f"seed{seed}"
 
 
-def run_sweep(path: str | Path, log=print) -> "pd.DataFrame":
-    from kd.config import TrainConfig
-    from kd.jobs import distill_job, export_proxy_job, train_teacher_job
-
+def run_sweep(path: str | Path, log=print) -> pd.DataFrame:
     spec = load_sweep(path)
     log = log or (lambda *_: None)
     started = time.perf_counter()
@@ -96,10 +90,8 @@ def run_sweep(path: str | Path, log=print) -> "pd.DataFrame":
     return df
 
 
-def collect(spec) -> "pd.DataFrame":
+def collect(spec) -> pd.DataFrame:
     """One tidy row per finished (run, seed) that belongs in the table."""
-    import pandas as pd
-
     rows = []
     for run in spec["runs"]:
         if run["verb"] == "proxy-export" or run.get("table", True) is False:
