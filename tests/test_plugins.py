@@ -1,0 +1,75 @@
+"""A source is one file: a package outside proxykd registers one through the `proxykd.sources` entry point."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pandas as pd
+
+from conftest import ROOT
+
+TOY = textwrap.dedent('''
+    import torch
+    import torch.nn.functional as F
+
+    from kd.sources import SourceContext, TableSource
+
+
+    class Toy(TableSource):
+        """Targets: half on the label, half spread uniformly; its loss term has its own name."""
+
+        name = "toy"
+        summary = "a test source from outside proxykd"
+        label_only = True
+
+        @classmethod
+        def from_spec(cls, arg: str, ctx: SourceContext) -> "Toy":
+            k = ctx.num_classes
+            return cls(0.5 * torch.eye(k) + 0.5 / k)
+
+        def loss_terms(self, logits, labels, *, inputs=None, index=None):
+            return {"toy_ce": F.cross_entropy(logits.float(), self.targets(labels))}
+''')
+
+
+def _plugin_path(tmp_path):
+    site = tmp_path / "site"
+    (site / "toy_sources").mkdir(parents=True)
+    (site / "toy_sources" / "__init__.py").write_text(TOY)
+    dist = site / "toy_sources-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: toy-sources\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[proxykd.sources]\ntoy = toy_sources:Toy\n")
+    return site
+
+
+def _kd(site, *args):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)])}
+    return subprocess.run([sys.executable, "-m", "kd", *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_an_installed_source_trains_a_teacher_and_a_student_without_touching_proxykd(tmp_path):
+    site = _plugin_path(tmp_path)
+    r = _kd(site, "distill", "--help")
+    assert r.returncode == 0 and "toy" in r.stdout
+
+    for verb, flag, out in (("distill", "--teacher", tmp_path / "student"),
+                            ("train-teacher", "--method", tmp_path / "teacher")):
+        r = _kd(site, verb, flag, "toy", "--epochs", 3, "--out", out, "--device", "cpu", "--quiet")
+        assert r.returncode == 0, r.stderr[-2000:]
+        m = pd.read_csv(out / "metrics.csv")
+        assert m["loss_toy_ce"].iloc[-1] < m["loss_toy_ce"].iloc[0]  # the plug-in's own term was trained on
+        assert json.loads((out / "summary.json").read_text())["epochs"] == 3
+
+    r = _kd(site, "bench", "--preset", "digits", "--steps", 1, "--repeats", 1, "--warmup", 0, "--sources", "onehot,toy")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "| toy |" in r.stdout
+
+
+def test_without_the_plugin_the_name_is_refused_in_one_line(tmp_path):
+    r = _kd(tmp_path, "distill", "--teacher", "toy", "--epochs", 1, "--out", tmp_path / "s", "--quiet")
+    assert r.returncode == 2
+    assert "unknown teacher 'toy'" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "s").exists()
