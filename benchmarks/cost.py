@@ -14,8 +14,9 @@ import platform
 import statistics
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,10 +28,6 @@ from kd.engine import make_accelerator, make_loader, prepare_training
 from kd.errors import KDError
 from kd.models import create_model
 from kd.sources import SourceContext, TargetSource
-
-if TYPE_CHECKING:
-    import pandas as pd
-
 
 def bench_rows() -> list[str]:
     """``bare`` (a hand-written loop, the floor), then the rows of every source in ``teachers.SOURCES``."""
@@ -159,10 +156,8 @@ class _Cycle:
 def run_bench(preset: str, device: str = "cpu", batch_size: int | None = None, steps: int | None = None,
               repeats: int = 5, warmup: int = 3, amp: str = "none", channels_last: bool = False,
               sources: tuple[str, ...] | None = None, data: str | None = None, data_root: str | None = None,
-              log=print) -> "pd.DataFrame":
+              log=print) -> pd.DataFrame:
     """Time a training step of the preset's student for each source; one row per source."""
-    import pandas as pd
-
     sources = tuple(sources or bench_rows())
     if preset not in PRESETS:
         raise KDError(f"unknown preset '{preset}'; choose one of {', '.join(PRESETS)}")

@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     a = p.parse_args(argv)
     dev = torch.device(a.device)
-    print(f"| choice | ours | us (median) | alternative | us (median) | alternative / ours |\n|---|---|---|---|---|---|")
+    print("| choice | ours | us (median) | alternative | us (median) | alternative / ours |\n|---|---|---|---|---|---|")
     for name, (na, fa, nb, fb) in pairs(dev).items():
         ma, mb = _time_pair(fa, fb, a.repeats, dev)
         print(f"| {name} | `{na}` | {ma:.1f} | `{nb}` | {mb:.1f} | {mb / ma:.2f} |")

@@ -16,7 +16,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from accelerate.utils import set_seed
 from torch import nn
+from tqdm.auto import tqdm
 
 from kd import runs
 from kd.config import TrainConfig
@@ -36,8 +40,6 @@ class FitResult:
 
 def make_accelerator(cfg: TrainConfig):
     """accelerate places the model and launches processes; mixed precision is the step's own autocast."""
-    from accelerate import Accelerator
-
     cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise KDError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
@@ -181,8 +183,6 @@ def total_loss(terms: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def average_gradients(params: list[nn.Parameter], world_size: int) -> None:
     """All-reduce and average the gradients of ``params`` in one flat buffer (one collective)."""
-    import torch.distributed as dist
-
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
@@ -224,9 +224,6 @@ def fit(model: nn.Module, source: TargetSource, train_data, test_data, cfg: Trai
     between epochs continues from its checkpoint; in a single process the result is the one
     the uninterrupted run gives.
     """
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
-
     accelerator = make_accelerator(cfg)
     set_seed(cfg.seed)
     device = accelerator.device

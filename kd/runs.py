@@ -6,9 +6,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 import yaml
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from kd.errors import KDError
@@ -87,8 +88,6 @@ def write_config(run_dir: Path, config: dict[str, Any]) -> None:
 
 def write_metrics(run_dir: Path, rows: list[dict[str, Any]]) -> None:
     """Rewrite metrics.csv with one row per finished epoch (extra loss-term columns follow)."""
-    import pandas as pd
-
     df = pd.DataFrame(rows)
     cols = METRIC_COLUMNS + [c for c in df.columns if c not in METRIC_COLUMNS]
     _atomic_write(run_dir / METRICS, df[cols].to_csv(index=False))
@@ -134,8 +133,6 @@ def save_c_matrix(path: Path, c_matrix: torch.Tensor, alpha: float, class_names:
 
 def load_c_matrix(path: str | Path) -> tuple[torch.Tensor, dict[str, Any]]:
     """Read and check a C-matrix artifact; returns (K x K tensor, metadata with alpha and class names)."""
-    from safetensors import safe_open
-
     path = Path(path)
     if path.is_dir():
         path = path / C_MATRIX
