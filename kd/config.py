@@ -10,7 +10,7 @@ import yaml
 from kd.errors import KDError
 
 #: The config keys handed to a source as its options (see ``kd.sources.SourceContext``).
-SOURCE_OPTIONS = ("alpha", "temperature", "hard_weight")
+SOURCE_OPTIONS = ("alpha", "temperature", "hard_weight", "multiplier", "margin", "gamma", "power")
 
 
 @dataclass
@@ -33,10 +33,14 @@ class TrainConfig:
     schedule: str = "cosine"      # cosine | step | constant
     warmup_epochs: float = 1.0
     milestones: tuple[float, ...] = (0.5, 0.75)  # step schedule: fractions of the run
-    gamma: float = 0.1
+    lr_gamma: float = 0.1         # step schedule: learning-rate factor at each milestone
     alpha: float | None = None    # LS / LS++ / proxy mixing weight (default 0.1; proxy: the artifact's)
-    temperature: float | None = None  # Hinton KD temperature (network teacher)
+    temperature: float | None = None  # Hinton KD (network teacher), TF-KD temperature
     hard_weight: float = 0.0      # Hinton KD weight of the hard-label loss
+    multiplier: float | None = None   # TF-KD loss multiplier
+    margin: float | None = None       # margin-based LS margin
+    gamma: float | None = None        # focal loss gamma
+    power: float | None = None        # Zipf's LS exponent
     augment: bool = True          # the data set's batch augmentation (pad-and-crop, flip)
     seed: int = 0
     device: str = "auto"          # auto | cpu | cuda

@@ -59,7 +59,7 @@ def lr_lambda(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
         progress = (step - warm) / max(1, total - warm)
         if cfg.schedule == "cosine":
             return 0.5 * (1.0 + math.cos(math.pi * progress))
-        return cfg.gamma ** sum(step >= m * total for m in cfg.milestones)
+        return cfg.lr_gamma ** sum(step >= m * total for m in cfg.milestones)
 
     return f
 
@@ -146,12 +146,20 @@ class Training:
     shared_params: list[nn.Parameter] = field(default_factory=list)  # source parameters to average across ranks
     world_size: int = 1
 
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum ``t`` over processes in place (nothing to do in one process)."""
+        if self.world_size > 1:
+            dist.all_reduce(t)
+        return t
+
     def step(self, x, y, idx) -> dict[str, torch.Tensor]:
         """One optimiser step on one batch; returns the named loss terms (no host sync)."""
         with torch.autocast(self.device_type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             logits = self.model(x)
             terms = self.source.loss_terms(logits, y, inputs=x if self.source.needs_inputs else None,
                                            index=idx if self.source.needs_index else None)
+        if self.source.observes_steps:  # a stateful source (OLS) collects statistics from the same forward
+            self.source.on_step(logits.detach(), y)
         loss = total_loss(terms)
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
@@ -259,6 +267,7 @@ def fit(model: nn.Module, source: TargetSource, train_data, test_data, cfg: Trai
             terms = training.step(x, y, idx)
             for k, v in terms.items():
                 term_sums[k] = term_sums.get(k, 0.0) + v.detach()
+        training.source.on_epoch_end(training.all_reduce)
         seconds = time.perf_counter() - t0
         total_seconds += seconds
         logits, labels = evaluate(model, test_loader, device, cfg.channels_last)

@@ -160,12 +160,13 @@ def save_checkpoint(path: Path, epoch: int, history: list[dict[str, Any]], total
                     loader_rng: torch.Generator | None = None) -> None:
     """Everything needed to continue a run after its last finished epoch, written atomically.
 
-    Only the source's trained state is kept (LS++'s C); a frozen teacher is rebuilt from its run.
+    Only the source's own state is kept (``checkpoint_state``: LS++'s C, OLS's statistics); a
+    frozen teacher is rebuilt from its run.
     """
     state = {
         "epoch": epoch, "history": history, "total_seconds": total_seconds,
         "model": model.state_dict(),
-        "source": {n: p for n, p in source.named_parameters() if p.requires_grad},
+        "source": source.checkpoint_state(),
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
@@ -181,7 +182,7 @@ def restore_checkpoint(path: Path, model: torch.nn.Module, source: torch.nn.Modu
     """Load a checkpoint into the training objects; returns (finished epoch, history, seconds so far)."""
     state = load_checkpoint(path)
     model.load_state_dict(state["model"])
-    source.load_state_dict(state["source"], strict=False)
+    source.load_checkpoint_state(state["source"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"])

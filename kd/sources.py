@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
@@ -62,6 +62,10 @@ class TargetSource(nn.Module):
     needs_inputs: ClassVar[bool] = False
     #: True when the source needs the sample indices (cached teacher outputs).
     needs_index: ClassVar[bool] = False
+    #: Options the source reads from ``SourceContext.options``: name -> help with its default.
+    options: ClassVar[dict[str, str]] = {}
+    #: True when the engine must call :meth:`on_step` after every training step (stateful sources).
+    observes_steps: ClassVar[bool] = False
 
     def __init__(self, num_classes: int):
         super().__init__()
@@ -86,6 +90,28 @@ class TargetSource(nn.Module):
 
     def write_artifacts(self, run_dir: Path, class_names: list[str], meta: dict[str, Any]) -> None:
         """Files the source leaves in a finished run directory beside the weights (default: none)."""
+
+    # Hooks for sources that keep state across steps and epochs (online label smoothing).
+    # The engine calls them; nothing elsewhere checks a source's class.
+
+    def on_step(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """After each training step (only when ``observes_steps``): the batch's detached logits and labels."""
+
+    def on_epoch_end(self, all_reduce: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """At the end of each training epoch. ``all_reduce`` sums a tensor over processes (identity alone)."""
+
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint must keep to resume exactly: by default the trainable parameters (LS++'s C)."""
+        return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
+
+    def load_checkpoint_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore :meth:`checkpoint_state`."""
+        with torch.no_grad():
+            own = dict(self.named_parameters())
+            for n, v in state.items():
+                if n not in own:
+                    raise KDError(f"the checkpoint holds source state '{n}' that this source does not have")
+                own[n].copy_(v)
 
     def targets(
         self,

@@ -26,6 +26,8 @@ class NetworkTeacher(TargetSource):
                "--temperature for Hinton's loss)")
     spec_arg = "RUN_DIR"
     needs_inputs = True
+    options = {"temperature": "use Hinton's KD loss at temperature T (default: CE on the teacher's probabilities)",
+               "hard_weight": "Hinton KD: weight w of the hard-label CE, (1 - w) on the soft term (default 0)"}
 
     @classmethod
     def from_spec(cls, arg: str, ctx: SourceContext) -> "NetworkTeacher":

@@ -22,6 +22,7 @@ class ProxyTeacher(TableSource):
     name = "proxy"
     summary = "PT-LS++: a frozen C-matrix (a c_matrix.safetensors, or an LS++ run directory holding one)"
     spec_arg = "PATH"
+    options = {"alpha": "weight of C in the target (default: the alpha the C-matrix records)"}
 
     @classmethod
     def from_spec(cls, arg: str, ctx: SourceContext) -> "ProxyTeacher":

@@ -17,6 +17,7 @@ class LabelSmoothing(TableSource):
     summary = "label smoothing: alpha spread uniformly over the K classes (ls:ALPHA or --alpha, default 0.1)"
     spec_arg = "[ALPHA]"
     label_only = True
+    options = {"alpha": "mass spread uniformly (default 0.1; ls:ALPHA also sets it)"}
 
     @classmethod
     def from_spec(cls, arg: str, ctx: SourceContext) -> "LabelSmoothing":

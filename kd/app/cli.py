@@ -11,7 +11,7 @@ from benchmarks.loader import loader_ratio
 from kd.app.demo import run_demo
 from kd.app.jobs import cache_job, distill_job, export_proxy_job, train_teacher_job
 from kd.app.sweep import run_sweep, summary_table
-from kd.config import TrainConfig, load_yaml_config
+from kd.config import SOURCE_OPTIONS, TrainConfig, load_yaml_config
 from kd.errors import KDError
 from kd.runs import check_new_file, launch_rank, resumable_config
 
@@ -44,16 +44,24 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--optimizer", choices=["sgd", "adamw"], default=S)
     g.add_argument("--schedule", choices=["cosine", "step", "constant"], default=S, help="after warm-up; default cosine")
     g.add_argument("--warmup-epochs", type=float, default=S, help="linear warm-up, default 1")
-    g.add_argument("--alpha", type=float, default=S, help="LS / LS++ mixing weight in (0, 1), default 0.1")
     g.add_argument("--no-augment", dest="augment", action="store_false", default=S, help="turn off batch augmentation")
     g.add_argument("--seed", type=int, default=S, help="default 0")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default=S)
-    g.add_argument("--amp", choices=["none", "bf16", "fp16"], default=S, help="mixed precision (accelerate)")
+    g.add_argument("--amp", choices=["none", "bf16", "fp16"], default=S, help="mixed precision: autocast in the training step (fp16 adds a gradient scaler)")
     g.add_argument("--channels-last", action="store_true", default=S)
     g.add_argument("--num-workers", type=int, default=S, help="loader workers for folder data sets")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     p.add_argument("--resume", action="store_true",
                    help="continue the unfinished run in --out from its last finished epoch (its own config.yaml)")
+
+
+def add_source_flags(p: argparse.ArgumentParser, sources) -> None:
+    """One flag per source option (--alpha, --temperature, ...); its help says what each source reads it as."""
+    g = p.add_argument_group("target source options (each source reads the ones it names; unset: its default)")
+    for opt in SOURCE_OPTIONS:
+        uses = [f"{cls.name}: {cls.options[opt]}" for cls in sources if opt in cls.options]
+        if uses:
+            g.add_argument("--" + opt.replace("_", "-"), type=float, default=S, help="; ".join(uses))
 
 
 def config_from_args(args: argparse.Namespace, skip: tuple[str, ...] = ()) -> TrainConfig:
@@ -152,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a teacher network. With --method lspp the run also holds its learned "
                        "C-matrix. Methods: " + method_help + ".")
     p.add_argument("--method", choices=methods, default=S, help="default lspp")
+    add_source_flags(p, [teachers.SOURCES[m] for m in methods])
     p.add_argument("--out", required=True, help="new run directory (must not exist or be empty)")
     add_train_flags(p)
     p.set_defaults(func=_cmd_train_teacher)
@@ -165,9 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", default=S, metavar="SPEC", help="required (unless --resume): " + spec_help)
     p.add_argument("--student", dest="model", default=S, help="student model name (default: the data set's)")
     p.add_argument("--out", required=True, help="new run directory (must not exist or be empty)")
-    p.add_argument("--temperature", type=float, default=S,
-                   help="network teacher: use Hinton's KD loss at temperature T (default: CE on the teacher's probabilities)")
-    p.add_argument("--hard-weight", type=float, default=S, help="Hinton KD: weight w of the hard-label CE, (1-w) on the soft term")
+    add_source_flags(p, teachers.SOURCES.values())
     add_train_flags(p)
     p.set_defaults(func=_cmd_distill)
 
