@@ -42,6 +42,10 @@ class TrainConfig:
     gamma: float | None = None        # focal loss gamma
     power: float | None = None        # Zipf's LS exponent
     augment: bool = True          # the data set's batch augmentation (pad-and-crop, flip)
+    mixup: float = 0.0            # Mixup Beta parameter (0: off)
+    cutmix: float = 0.0           # CutMix Beta parameter (0: off); with mixup: switch per batch, p = 0.5
+    cutout: int = 0               # Cutout square size in pixels (0: off)
+    aa: str | None = None         # RandAugment, "rand-mM-nN" (per image, in loader workers)
     seed: int = 0
     device: str = "auto"          # auto | cpu | cuda
     amp: str = "none"             # none | bf16 | fp16
@@ -64,6 +68,8 @@ class TrainConfig:
                              ("device", ("auto", "cpu", "cuda"))):
             if getattr(self, key) not in allowed:
                 raise KDError(f"--{key.replace('_', '-')} must be one of {', '.join(allowed)}, got '{getattr(self, key)}'")
+        if self.mixup < 0 or self.cutmix < 0 or self.cutout < 0:
+            raise KDError("--mixup, --cutmix (Beta parameters) and --cutout (pixels) must be >= 0 (0: off)")
         if self.temperature is not None and self.temperature <= 0:
             raise KDError(f"--temperature must be positive, got {self.temperature}")
         if not 0.0 <= self.hard_weight <= 1.0:

@@ -23,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from kd import runs
+from kd.augment import BatchMix, CutoutTransform, WorkerAugmentLoader, parse_rand_augment
 from kd.config import TrainConfig
 from kd.data import BatchTransform, DatasetInfo, ImageTensors, IndexedDataset, TensorLoader
 from kd.errors import KDError
@@ -93,7 +94,18 @@ def make_loader(data, info: DatasetInfo | None, cfg: TrainConfig, *, train: bool
         mean = info.mean if info else (0.0,) * data.images.shape[1]
         std = info.std if info else (1.0,) * data.images.shape[1]
         tf = BatchTransform(data.scale, mean, std, pad, flip)
-        return TensorLoader(data.images, data.labels, cfg.batch_size, transform=tf, **common)
+        if cfg.cutout and train:
+            tf = CutoutTransform(tf, cfg.cutout)
+        loader = TensorLoader(data.images, data.labels, cfg.batch_size, transform=tf, **common)
+        if cfg.aa and train:  # per-image RandAugment in loader workers, off the training thread
+            if data.images.dtype != torch.uint8:
+                raise KDError("--aa (RandAugment) needs uint8 images; this data set holds other values")
+            magnitude, num_ops = parse_rand_augment(cfg.aa)
+            return WorkerAugmentLoader(loader, magnitude, num_ops, cfg.num_workers)
+        return loader
+    if train and (cfg.cutout or cfg.aa):
+        raise KDError("--cutout and --aa work on in-memory image data sets (digits, MNIST, Fashion-MNIST, CIFAR, "
+                      "SVHN, small image folders); this data set is streamed or not made of images")
     if isinstance(data, torch.utils.data.TensorDataset):
         x, y = data.tensors[0], data.tensors[1]
         return TensorLoader(x, y.long(), cfg.batch_size, **common)
@@ -145,6 +157,7 @@ class Training:
     scaler: Any = None          # a GradScaler for fp16, else None
     shared_params: list[nn.Parameter] = field(default_factory=list)  # source parameters to average across ranks
     world_size: int = 1
+    mix: BatchMix | None = None  # mixup / cutmix
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum ``t`` over processes in place (nothing to do in one process)."""
@@ -154,6 +167,8 @@ class Training:
 
     def step(self, x, y, idx) -> dict[str, torch.Tensor]:
         """One optimiser step on one batch; returns the named loss terms (no host sync)."""
+        if self.mix is not None:  # mixup / cutmix: labels become soft labels m, indices a MixedIndex
+            x, y, idx = self.mix(x, y, idx)
         with torch.autocast(self.device_type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             logits = self.model(x)
             terms = self.source.loss_terms(logits, y, inputs=x if self.source.needs_inputs else None,
@@ -218,7 +233,13 @@ def prepare_training(accelerator, model: nn.Module, source: TargetSource, cfg: T
     scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
     world = accelerator.num_processes
     shared = [p for p in source.parameters() if p.requires_grad] if world > 1 else []
-    return Training(prepared, source, optimizer, scheduler, device.type, amp_dtype, scaler, shared, world)
+    mix = None
+    if cfg.mixup or cfg.cutmix:
+        if source.needs_index and not source.mixes_index:
+            raise KDError(f"source '{source.name}' reads per-sample rows and cannot follow --mixup/--cutmix; "
+                          "drop those flags")
+        mix = BatchMix(source.num_classes, cfg.mixup, cfg.cutmix, seed=cfg.seed, rank=accelerator.process_index)
+    return Training(prepared, source, optimizer, scheduler, device.type, amp_dtype, scaler, shared, world, mix)
 
 
 def fit(model: nn.Module, source: TargetSource, train_data, test_data, cfg: TrainConfig, *,
@@ -243,7 +264,7 @@ def fit(model: nn.Module, source: TargetSource, train_data, test_data, cfg: Trai
         raise KDError(f"the training set ({len(train_data)} samples) is smaller than one batch ({cfg.batch_size}); lower --batch-size")
     training = prepare_training(accelerator, model, source, cfg, steps_per_epoch)
     main = accelerator.is_main_process
-    loader_rng = train_loader.generator if isinstance(train_loader, TensorLoader) else None
+    loader_rng = train_loader.generator if isinstance(train_loader, (TensorLoader, WorkerAugmentLoader)) else None
     ckpt_path = run_dir / runs.CHECKPOINT if run_dir is not None else None
     history: list[dict[str, Any]] = []
     total_seconds, first_epoch = 0.0, 1
@@ -256,6 +277,8 @@ def fit(model: nn.Module, source: TargetSource, train_data, test_data, cfg: Trai
     for epoch in range(first_epoch, cfg.epochs + 1):
         if hasattr(train_loader, "set_epoch"):
             train_loader.set_epoch(epoch)
+        if training.mix is not None:
+            training.mix.set_epoch(epoch)
         training.model.train()
         term_sums: dict[str, torch.Tensor] = {}
         t0 = time.perf_counter()

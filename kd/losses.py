@@ -23,7 +23,8 @@ def hinton_kd_loss(
 ) -> torch.Tensor:
     """Hinton et al.'s distillation loss: (1 - w) * T^2 * KL(p_T^t || p_T^s) + w * CE(labels, s).
 
-    The T^2 factor keeps the soft term's gradient scale independent of T.
+    The T^2 factor keeps the soft term's gradient scale independent of T. ``labels`` may be
+    soft (B x K, mixup / cutmix): the hard term is then the cross-entropy against them.
     """
     t = temperature
     log_ps = F.log_softmax(student_logits.float() / t, dim=-1)

@@ -62,6 +62,8 @@ class TargetSource(nn.Module):
     needs_inputs: ClassVar[bool] = False
     #: True when the source needs the sample indices (cached teacher outputs).
     needs_index: ClassVar[bool] = False
+    #: For ``needs_index`` sources: True when ``index`` may be a ``kd.augment.MixedIndex`` (mixup/cutmix).
+    mixes_index: ClassVar[bool] = False
     #: Options the source reads from ``SourceContext.options``: name -> help with its default.
     options: ClassVar[dict[str, str]] = {}
     #: True when the engine must call :meth:`on_step` after every training step (stateful sources).

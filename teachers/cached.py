@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from kd import runs
 from kd.errors import KDError
 from kd.losses import soft_cross_entropy
+from kd.augment import MixedIndex
 from kd.sources import SourceContext, TargetSource
 
 
@@ -26,7 +27,10 @@ class CachedTeacher(TargetSource):
     spec_arg = "FILE"
     needs_index = True
     augmentation_warning = ("cached teacher outputs describe un-augmented inputs, but random augmentation is on; "
-                            "pass augment=False (--no-augment) to train on the inputs the cache describes")
+                            "pass augment=False (--no-augment) to train on the inputs the cache describes. "
+                            "With --mixup/--cutmix the two samples' cached outputs are mixed with the same lam, "
+                            "which only approximates the teacher's output on the mixed image")
+    mixes_index = True
 
     @classmethod
     def from_spec(cls, arg: str, ctx: SourceContext) -> "CachedTeacher":
@@ -47,6 +51,8 @@ class CachedTeacher(TargetSource):
     def targets(self, labels, *, inputs=None, index=None):
         if index is None:
             raise ValueError("a cached teacher needs the sample indices of the batch")
+        if isinstance(index, MixedIndex):  # mixup / cutmix: the two samples' rows mixed with the batch's lam
+            return index.mix_rows(self.probs.index_select(0, index.index))
         return self.probs.index_select(0, index)
 
     def loss_terms(self, logits, labels, *, inputs=None, index=None):

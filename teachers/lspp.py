@@ -108,9 +108,7 @@ class LSPPLoss(TargetSource):
             return table[labels]
 
     def loss_terms(self, logits, labels, *, inputs=None, index=None):
-        if labels.is_floating_point():
-            raise NotImplementedError("LS++ with soft (mixed) labels is not implemented")
-        if self.fused:
+        if self.fused and not labels.is_floating_point():
             net_term, c_term = _LSPPTerms.apply(logits.float(), self.c_logits.float(), labels, self._index,
                                                 self._offdiag_cols, self.alpha)
         else:
@@ -147,7 +145,10 @@ def lspp_terms_reference(logits: torch.Tensor, c_logits: torch.Tensor, labels: t
                          alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The LS++ loss terms as defined, in plain autograd: this function IS the definition.
 
-    ``logits`` B x K, ``c_logits`` K x (K-1), integer ``labels`` B, ``alpha`` in (0, 1).
+    ``logits`` B x K, ``c_logits`` K x (K-1), integer ``labels`` B (or soft labels m, B x K),
+    ``alpha`` in (0, 1). With soft labels the target is t = m @ T, T = (1 - alpha) I + alpha C:
+    the network trains on the mixed target and C on the reverse term of that same target,
+    H(sg(p), m @ T), whose gradient reaches every row of C in proportion to m.
     Returns (net, c): net = 1/2 mean_b H(sg(t), p), c = 1/2 mean_b H(sg(p), t), with
     p = softmax(logits), t = (1 - alpha) onehot(y) + alpha C[y], sg = ``.detach()``.
     log t is exact in log space: log(1 - alpha) at y, log(alpha) + log C[y, j] elsewhere.
@@ -163,8 +164,12 @@ def lspp_terms_reference(logits: torch.Tensor, c_logits: torch.Tensor, labels: t
     off_diagonal = ~torch.eye(k, dtype=torch.bool, device=logits.device)
     log_table = torch.full((k, k), math.log1p(-alpha), dtype=log_c_rows.dtype, device=logits.device)
     log_table = log_table.masked_scatter(off_diagonal, math.log(alpha) + log_c_rows)
-    log_t = log_table[labels]
-    t = log_t.exp()
+    if labels.is_floating_point():  # soft labels m (mixup / cutmix): t = m @ T, every entry > 0
+        t = labels.to(log_table.dtype) @ log_table.exp()
+        log_t = t.log()
+    else:
+        log_t = log_table[labels]
+        t = log_t.exp()
     net = 0.5 * -(t.detach() * log_p).sum(dim=1).mean()  # network side: t is a constant
     c = 0.5 * -(p.detach() * log_t).sum(dim=1).mean()  # C side: p is a constant
     return net, c

@@ -84,8 +84,7 @@ class NetworkTeacher(TargetSource):
         t_logits = self.teacher_logits(inputs)
         if self.temperature is None:
             return {"ce": soft_cross_entropy(logits, t_logits.softmax(-1))}
-        if labels.is_floating_point():
-            raise NotImplementedError("Hinton KD with soft (mixed) labels is not implemented")
+        # with mixup / cutmix the teacher sees the mixed input and the hard term is CE on the soft labels m
         return {"kd": hinton_kd_loss(logits, t_logits, labels, self.temperature, self.hard_weight)}
 
 

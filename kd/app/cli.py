@@ -31,7 +31,7 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training (each flag mirrors a key of --config FILE.yaml)")
     g.add_argument("--config", metavar="FILE.yaml", help="YAML file of keys mirroring these flags; flags win")
     g.add_argument("--model", default=S, help="registered name (lenet, resnet18, ...), timm:NAME or torchvision:NAME; default: the data set's")
-    g.add_argument("--dataset", default=S, help="digits (default), fashion-mnist, cifar10, cifar100, svhn, tinyimagenet, imagenet100, animals10n")
+    g.add_argument("--dataset", default=S, help="digits (default), mnist, fashion-mnist, cifar10, cifar100, svhn, tinyimagenet, imagenet100, animals10n, or imagefolder:PATH (your own images: PATH/train/CLASS/*, PATH/val/CLASS/*)")
     g.add_argument("--data-root", default=S, help="where the data set lies (default: $KD_DATA_ROOT or ./data)")
     g.add_argument("--download", action="store_true", default=S, help="allow torchvision to download the data set")
     g.add_argument("--epochs", type=int, default=S, help="default 30")
@@ -45,6 +45,12 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--schedule", choices=["cosine", "step", "constant"], default=S, help="after warm-up; default cosine")
     g.add_argument("--warmup-epochs", type=float, default=S, help="linear warm-up, default 1")
     g.add_argument("--no-augment", dest="augment", action="store_false", default=S, help="turn off batch augmentation")
+    g.add_argument("--mixup", type=float, default=S, metavar="ALPHA", help="Mixup with Beta(ALPHA, ALPHA) per batch (0: off)")
+    g.add_argument("--cutmix", type=float, default=S, metavar="ALPHA",
+                   help="CutMix with Beta(ALPHA, ALPHA) (0: off); with --mixup, one of the two per batch, p = 0.5")
+    g.add_argument("--cutout", type=int, default=S, metavar="SIZE", help="Cutout: a SIZE x SIZE square zeroed per image (0: off)")
+    g.add_argument("--aa", default=S, metavar="rand-mM-nN",
+                   help="RandAugment (torchvision v2) with N ops of magnitude M per image, in --num-workers loader workers")
     g.add_argument("--seed", type=int, default=S, help="default 0")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default=S)
     g.add_argument("--amp", choices=["none", "bf16", "fp16"], default=S, help="mixed precision: autocast in the training step (fp16 adds a gradient scaler)")
