@@ -1,0 +1,188 @@
+"""Teacher-free KD (Yuan et al., "Revisiting Knowledge Distillation via Label Smoothing Regularization", CVPR 2020).
+
+``tfkd-reg`` is their label-only regulariser with a hand-made "virtual teacher"
+(``loss_kd_regularization``); ``tfkd-self:RUN_DIR`` distils a trained run at temperature T
+(``loss_kd_self``). Both keep the official scale: its ``nn.KLDivLoss()`` averages over all
+B*K entries, i.e. the batch mean of the per-sample KL divided by K (the 1/K below).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from kd.errors import KDError
+from kd.losses import soft_cross_entropy
+from kd.sources import SourceContext, TargetSource
+from teachers.network import NetworkTeacher, load_teacher_network, normalisation_affine
+
+#: p^d: the virtual teacher's probability on the true class (the official ``correct_prob``).
+CORRECT_PROB = 0.99
+
+
+def _check(name: str, alpha: float, temperature: float, multiplier: float) -> tuple[float, float, float]:
+    """The three Tf-KD options as floats, each checked with a one-line KDError."""
+    alpha, temperature, multiplier = float(alpha), float(temperature), float(multiplier)
+    if not 0.0 < alpha < 1.0:
+        raise KDError(f"{name}: alpha must lie in (0, 1), got {alpha}")
+    if not temperature > 0.0:
+        raise KDError(f"{name}: --temperature must be positive, got {temperature}")
+    if not multiplier > 0.0:
+        raise KDError(f"{name}: --multiplier must be positive, got {multiplier}")
+    return alpha, temperature, multiplier
+
+
+def _label_ce(z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Batch-mean CE of float32 logits ``z``: integer labels, or soft labels m (soft CE)."""
+    if labels.is_floating_point():
+        return soft_cross_entropy(z, labels)
+    return F.cross_entropy(z, labels)
+
+
+def _label_matrix(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """B x K float32 label matrix: onehot(y) for integer labels, m itself for soft labels."""
+    if labels.is_floating_point():
+        return labels.float()
+    return F.one_hot(labels, num_classes).float()
+
+
+class TfKDRegularization(TargetSource):
+    """Tf-KD_reg: l_i = (1 - alpha) CE_i + (alpha * multiplier / K) KL(q_i || p_i).
+
+    q = softmax(p^d / T), p^d = 0.99 on y and 0.01/(K-1) elsewhere (T divides a probability
+    vector; the student is not temperature-scaled; no T^2), as in the official code.
+    Soft labels m (mixup): p^d = 0.99 m + 0.01/(K-1) (1 - m), which is the same vector for a
+    one-hot m and spreads the 0.99 over the mixed classes in proportion; CE uses m (soft CE).
+    """
+
+    name = "tfkd-reg"
+    summary = ("Tf-KD regularisation: (1 - alpha) CE + alpha*multiplier/K KL(virtual teacher || p) "
+               "(Yuan et al. 2020; --alpha 0.1, --temperature 20, --multiplier 100)")
+    label_only = True
+    options = {"alpha": "weight of the virtual-teacher KL, (1 - alpha) on CE (default 0.1)",
+               "temperature": "temperature of the virtual teacher softmax(p^d / T) (default 20)",
+               "multiplier": "scale of the virtual-teacher KL (default 100)"}
+
+    @classmethod
+    def from_spec(cls, arg: str, ctx: SourceContext) -> "TfKDRegularization":
+        if arg:
+            raise KDError(f"teacher 'tfkd-reg' takes no argument, got 'tfkd-reg:{arg}'; "
+                          "use --alpha, --temperature, --multiplier")
+        return cls(ctx.num_classes, ctx.option("alpha", 0.1), ctx.option("temperature", 20.0),
+                   ctx.option("multiplier", 100.0))
+
+    def __init__(self, num_classes: int, alpha: float = 0.1, temperature: float = 20.0, multiplier: float = 100.0):
+        if num_classes < 2:
+            raise KDError(f"tfkd-reg needs at least 2 classes, got {num_classes}")
+        super().__init__(num_classes)
+        self.alpha, self.temperature, self.multiplier = _check("tfkd-reg", alpha, temperature, multiplier)
+        self.kl_weight = self.alpha * self.multiplier / self.num_classes
+
+    def virtual_teacher(self, labels: torch.Tensor) -> torch.Tensor:
+        """q = softmax(p^d / T), B x K, from integer labels or soft labels m (see the class docstring)."""
+        k = self.num_classes
+        other = (1.0 - CORRECT_PROB) / (k - 1)
+        m = _label_matrix(labels, k)
+        p_d = CORRECT_PROB * m + other * (1.0 - m)
+        return F.softmax(p_d / self.temperature, dim=1)
+
+    def targets(self, labels, *, inputs=None, index=None):
+        """t = ((1 - alpha) y + w q) / (1 - alpha + w), w = alpha * multiplier / K.
+
+        The loss equals (1 - alpha + w) H(t, p) minus a constant, so t is exactly the
+        distribution its gradient pulls p towards.
+        """
+        with torch.no_grad():
+            y = _label_matrix(labels, self.num_classes)
+            w = self.kl_weight
+            return ((1.0 - self.alpha) * y + w * self.virtual_teacher(labels)) / (1.0 - self.alpha + w)
+
+    def loss_terms(self, logits, labels, *, inputs=None, index=None):
+        z = logits.float()
+        q = self.virtual_teacher(labels)
+        kl = (q * (q.log() - F.log_softmax(z, dim=1))).sum(1).mean()
+        return {"ce": (1.0 - self.alpha) * _label_ce(z, labels), "tfkd_reg": self.kl_weight * kl}
+
+
+class _LinearStandIn(nn.Module):
+    """A fixed random linear map of the flattened input, shaped by the first batch (`kd bench` stand-in)."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.num_classes = num_classes
+        self.weight: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.flatten(1)
+        if self.weight is None:
+            g = torch.Generator().manual_seed(0)
+            w = torch.randn(flat.shape[1], self.num_classes, generator=g) / math.sqrt(flat.shape[1])
+            self.weight = w.to(flat.device, flat.dtype)
+        return flat @ self.weight.to(flat.dtype)
+
+
+class TfKDSelf(NetworkTeacher):
+    """Tf-KD_self: l_i = (1 - alpha) CE_i + (alpha T^2 multiplier / K) KL(softmax(t_i/T) || softmax(z_i/T)).
+
+    t are the logits of a frozen teacher run (eval mode, no gradient). Yuan et al. pre-train the
+    same architecture on the same data; here any finished `kd train-teacher` run of the data set
+    works. Soft labels m (mixup): the CE part is the soft CE with m; the KD part needs no label.
+    """
+
+    name = "tfkd-self"
+    summary = ("Tf-KD self-training: (1 - alpha) CE + alpha*T^2*multiplier/K KL at temperature T to a trained run "
+               "(tfkd-self:RUN_DIR; --alpha 0.95, --temperature 6, --multiplier 50)")
+    spec_arg = "RUN_DIR"
+    label_only = False
+    needs_inputs = True
+    options = {"alpha": "weight of the distillation KL, (1 - alpha) on CE (default 0.95)",
+               "temperature": "distillation temperature T of teacher and student (default 6)",
+               "multiplier": "scale of the distillation KL (default 50)"}
+
+    @classmethod
+    def from_spec(cls, arg: str, ctx: SourceContext) -> "TfKDSelf":
+        if not arg:
+            raise KDError("teacher 'tfkd-self' needs a run directory: tfkd-self:RUN_DIR (from `kd train-teacher`)")
+        model, meta = load_teacher_network(arg)
+        k = ctx.num_classes
+        if ctx.dataset is not None and meta.get("dataset") != ctx.dataset:
+            raise KDError(f"teacher run {arg} was trained on '{meta.get('dataset')}', not '{ctx.dataset}'")
+        if meta["num_classes"] != k:
+            raise KDError(f"teacher run {arg} has K={meta['num_classes']} classes but the data set has {k}")
+        affine = normalisation_affine(meta, ctx.info.mean, ctx.info.std) if ctx.info is not None else None
+        return cls(model, k, ctx.option("alpha", 0.95), ctx.option("temperature", 6.0),
+                   ctx.option("multiplier", 50.0), affine)
+
+    @classmethod
+    def stand_in(cls, ctx: SourceContext) -> "TfKDSelf":
+        """The bench's teacher model when it built one (its ``network`` row), else a random linear teacher."""
+        teacher = ctx.teacher_model if ctx.teacher_model is not None else _LinearStandIn(ctx.num_classes)
+        return cls(teacher, ctx.num_classes, ctx.option("alpha", 0.95), ctx.option("temperature", 6.0),
+                   ctx.option("multiplier", 50.0))
+
+    def __init__(self, teacher: nn.Module, num_classes: int, alpha: float = 0.95, temperature: float = 6.0,
+                 multiplier: float = 50.0, input_affine: tuple[torch.Tensor, torch.Tensor] | None = None):
+        alpha, temperature, multiplier = _check("tfkd-self", alpha, temperature, multiplier)
+        super().__init__(teacher, num_classes, temperature, 0.0, input_affine)
+        self.alpha, self.multiplier = alpha, multiplier
+        self.kl_weight = alpha * temperature * temperature * multiplier / self.num_classes
+
+    def targets(self, labels, *, inputs=None, index=None):
+        """(1 - alpha) y + alpha softmax(t / T): the two distributions the loss pulls towards, at their
+        nominal weights. The KD part acts at temperature T, so no single target gives the loss exactly."""
+        if inputs is None:
+            raise ValueError("a tfkd-self teacher needs the batch inputs")
+        y = _label_matrix(labels, self.num_classes)
+        soft = F.softmax(self.teacher_logits(inputs) / self.temperature, dim=1)
+        return (1.0 - self.alpha) * y + self.alpha * soft
+
+    def loss_terms(self, logits, labels, *, inputs=None, index=None):
+        if inputs is None:
+            raise ValueError("a tfkd-self teacher needs the batch inputs")
+        z = logits.float()
+        t = self.temperature
+        log_q = F.log_softmax(self.teacher_logits(inputs) / t, dim=1)
+        kl = (log_q.exp() * (log_q - F.log_softmax(z / t, dim=1))).sum(1).mean()
+        return {"ce": (1.0 - self.alpha) * _label_ce(z, labels), "tfkd_self": self.kl_weight * kl}
