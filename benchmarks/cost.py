@@ -191,7 +191,7 @@ def run_bench(preset: str, device: str = "cpu", batch_size: int | None = None, s
     torch.manual_seed(0)
     student0 = create_model(p.student, p.num_classes, p.channels, p.size)
     teacher = None
-    if "network" in sources:
+    if any(_row_table()[s][0].needs_inputs for s in sources if s != "bare"):  # network, tfkd-self, ...
         teacher = create_model(p.teacher, p.num_classes, p.channels, p.size).to(dev).eval()
         if channels_last:
             teacher.to(memory_format=torch.channels_last)
