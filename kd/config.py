@@ -22,6 +22,7 @@ class TrainConfig:
     model: str | None = None
     dataset: str = "digits"
     data_root: str | None = None
+    image_size: int | None = None  # imagefolder: side of the square images (default: the first image's)
     download: bool = False
     epochs: int = 30
     batch_size: int = 128

@@ -1,15 +1,17 @@
 """Data sets by name, held as tensors and augmented per batch.
 
-In-memory sets (digits, Fashion-MNIST, CIFAR, SVHN) are one uint8 tensor N x C x H x W;
+In-memory sets (digits, MNIST, Fashion-MNIST, CIFAR, SVHN) are one uint8 tensor N x C x H x W;
 a :class:`TensorLoader` slices batches from it and applies pad-and-crop and flips to the
 whole batch at once, so no per-sample Python or PIL work sits on the hot path. Folder
 sets (TinyImageNet, ImageNet-100, Animals-10N) stream through torchvision's ImageFolder.
-Nothing is downloaded unless the caller asks for it.
+A user's own ``imagefolder:PATH`` is held in memory when it fits, else streamed from disk
+(:class:`ImageFiles`). Nothing is downloaded unless the caller asks for it.
 """
 from __future__ import annotations
 
 import gzip
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -228,6 +230,30 @@ def _find_idx(folder: Path, stem: str) -> Path | None:
     return None
 
 
+#: The four IDX files of MNIST and Fashion-MNIST (each may carry a .gz suffix).
+IDX_STEMS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def _idx_images_and_labels(images: Path, labels: Path) -> ImageTensors:
+    """One split of 28 x 28 ten-class IDX data, checked for shape and agreement of the two files."""
+    x, y = _read_idx(images), _read_idx(labels)
+    if x.ndim != 3 or x.shape[1:] != (28, 28):
+        raise KDError(f"{images}: expected N x 28 x 28 images, found shape {list(x.shape)}; re-install the data set")
+    if y.ndim != 1 or len(y) != len(x):
+        raise KDError(f"{labels} holds {y.size} labels for the {len(x)} images of {images.name}; re-install the data set")
+    if y.size and int(y.max()) > 9:
+        raise KDError(f"{labels}: label {int(y.max())} is outside 0..9; re-install the data set")
+    return ImageTensors(torch.from_numpy(x.copy()).unsqueeze(1), torch.from_numpy(y.astype(np.int64)))
+
+
+def _idx_split(folder: Path) -> tuple[ImageTensors, ImageTensors] | None:
+    """(train, test) from the four IDX files in ``folder``; None when any of them is missing."""
+    files = [_find_idx(folder, s) for s in IDX_STEMS]
+    if not all(files):
+        return None
+    return _idx_images_and_labels(files[0], files[1]), _idx_images_and_labels(files[2], files[3])
+
+
 def fashion_mnist_candidates(root: Path | None) -> list[Path]:
     """Where Fashion-MNIST's IDX files are looked for, in order."""
     places = []
@@ -240,22 +266,41 @@ def fashion_mnist_candidates(root: Path | None) -> list[Path]:
 
 
 def _fashion_mnist(root: Path | None, download: bool):
-    stems = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
     places = fashion_mnist_candidates(root)
     if download and root is not None:
         import torchvision
 
         torchvision.datasets.FashionMNIST(str(root), download=True)
     for place in places:
-        files = [_find_idx(place, s) for s in stems]
-        if all(files):
-            xtr, ytr, xte, yte = (_read_idx(f) for f in files)
-            mk = lambda x, y: ImageTensors(torch.from_numpy(x.copy()).unsqueeze(1), torch.from_numpy(y.astype(np.int64)))
-            return mk(xtr, ytr), mk(xte, yte)
+        split = _idx_split(place)
+        if split is not None:
+            return split
     raise KDError(
         "Fashion-MNIST not found: looked in " + ", ".join(str(p) for p in places)
         + "; install it with `apt-get install dataset-fashion-mnist`, or pass --data-root DIR --download"
     )
+
+
+def mnist_folder(root: Path | None) -> Path:
+    """Where MNIST's IDX files must lie: torchvision's layout ROOT/MNIST/raw (ROOT: --data-root or the default)."""
+    return (root if root is not None else _default_root()) / "MNIST" / "raw"
+
+
+def _mnist(root: Path | None, download: bool):
+    """MNIST from its four IDX files (gzipped or not) in ROOT/MNIST/raw; only that folder, nothing downloaded.
+
+    Files lying directly in ROOT are not looked at: Fashion-MNIST's files carry the same names.
+    """
+    folder = mnist_folder(root)
+    split = _idx_split(folder)
+    if split is None:
+        missing = next(s for s in IDX_STEMS if _find_idx(folder, s) is None)
+        raise KDError(
+            f"MNIST not found: no {folder / missing}[.gz]; put the four IDX files in torchvision's layout "
+            f"ROOT/MNIST/raw/{{train,t10k}}-{{images-idx3,labels-idx1}}-ubyte[.gz] with ROOT given by --data-root "
+            f"(default ${DEFAULT_ROOT_ENV} or ./data); proxykd does not download MNIST"
+        )
+    return split
 
 
 def _torchvision_tensors(cls_name: str, folder_hint: str):
@@ -312,12 +357,16 @@ def _image_folder(folder: str, size: int):
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+#: The usual MNIST constants: mean and std of the 60,000 training images' pixels / 255.
+MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 #: name -> (info, loader). Loaders take (root or None, download) and return (train, test).
 REGISTRY: dict[str, tuple[DatasetInfo, Callable]] = {
     "digits": (DatasetInfo("digits", 10, 1, 8, (0.3052,), (0.3760,), "lenet",
                            class_names=[str(i) for i in range(10)]), _digits),
+    "mnist": (DatasetInfo("mnist", 10, 1, 28, MNIST_MEAN, MNIST_STD, "lenet", 2, False,
+                          [str(i) for i in range(10)]), _mnist),
     "fashion-mnist": (DatasetInfo("fashion-mnist", 10, 1, 28, (0.2860,), (0.3530,), "lenet", 2, True,
                                   FASHION_CLASSES), _fashion_mnist),
     "cifar10": (DatasetInfo("cifar10", 10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
@@ -342,15 +391,46 @@ def _default_root() -> Path:
 
 
 def dataset_info(name: str) -> DatasetInfo:
+    """The fixed description of a registered data set (``imagefolder:PATH`` sets are described when loaded)."""
+    if image_folder_path(name) is not None:
+        raise KDError(f"'{name}' is described by its images: use load_dataset, which measures its size, classes and mean/std")
     key = ALIASES.get(name.lower(), name.lower())
     if key not in REGISTRY:
-        raise KDError(f"unknown data set '{name}'; choose one of {', '.join(REGISTRY)}")
+        raise KDError(f"unknown data set '{name}'; choose one of {', '.join(REGISTRY)}, or imagefolder:PATH")
     return REGISTRY[key][0]
 
 
-def load_dataset(name: str, root: str | Path | None = None, download: bool = False) -> DataSplit:
-    """Load a registered data set. ``root`` defaults to $KD_DATA_ROOT or ./data."""
+def _check_image_size(image_size) -> int | None:
+    if image_size is None:
+        return None
+    try:
+        size = int(image_size)
+        whole = size == float(image_size) and not isinstance(image_size, bool)
+    except (TypeError, ValueError):
+        size, whole = 0, False
+    if not whole or size < 1:
+        raise KDError(f"--image-size must be a positive whole number of pixels, got {image_size!r}")
+    return size
+
+
+def load_dataset(name: str, root: str | Path | None = None, download: bool = False, *,
+                 image_size: int | None = None) -> DataSplit:
+    """Load a data set by name. ``root`` defaults to $KD_DATA_ROOT or ./data.
+
+    ``imagefolder:PATH`` loads a user's own folders (see :func:`load_image_folder`; ``root``
+    does not apply, PATH is taken as given); ``image_size`` is the square side its images
+    are resized to (default: the first training image's). Registered sets have a fixed size.
+    """
+    size = _check_image_size(image_size)
+    folder = image_folder_path(name)
+    if folder is not None:
+        if download:
+            raise KDError("--download does not apply to imagefolder:PATH data sets (nothing to fetch); drop it")
+        return load_image_folder(folder, size)
     info = dataset_info(name)
+    if size is not None and size != info.image_size:
+        raise KDError(f"--image-size applies to imagefolder:PATH data sets only; {info.name} images are "
+                      f"{info.image_size}x{info.image_size}, drop --image-size")
     if root is not None:
         root = Path(root).expanduser()
         if not root.is_dir() and not download:
@@ -359,6 +439,216 @@ def load_dataset(name: str, root: str | Path | None = None, download: bool = Fal
     if not info.class_names:
         classes = getattr(train, "classes", None)
         info = replace(info, class_names=list(classes) if classes else [str(i) for i in range(info.num_classes)])
+    return DataSplit(train, test, info)
+
+
+# ---------------------------------------------------------------------------------------
+# A user's own images: imagefolder:PATH with PATH/train/CLASS/* and PATH/val/CLASS/* (or test/)
+
+IMAGEFOLDER_PREFIX = "imagefolder:"
+#: imagefolder sets whose decoded uint8 images (train + test) take at most this many bytes are held in memory.
+IN_MEMORY_LIMIT_BYTES = 2 * 1024 ** 3
+#: Streamed imagefolder sets measure mean and std on this many training images, evenly spaced.
+STREAM_STATS_IMAGES = 4096
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".pgm", ".pbm", ".tif", ".tiff", ".webp")
+GRAY_MODES = ("L", "1")  # PIL modes that count as grayscale
+
+
+def image_folder_path(name: str) -> Path | None:
+    """PATH of an ``imagefolder:PATH`` data set name, None for any other name."""
+    if not name.lower().startswith(IMAGEFOLDER_PREFIX):
+        return None
+    rest = name[len(IMAGEFOLDER_PREFIX):].strip()
+    if not rest:
+        raise KDError("imagefolder: needs a folder: --dataset imagefolder:PATH with PATH/train/CLASS/* and PATH/val/CLASS/*")
+    return Path(rest).expanduser()
+
+
+def _class_folders(split: Path) -> list[str]:
+    return sorted(d.name for d in split.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """Image files (by extension) under ``folder``, sub-folders included, hidden ones skipped, sorted."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found += [Path(dirpath) / f for f in filenames
+                  if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
+    return sorted(found)
+
+
+def scan_image_folder(path: Path) -> tuple[list[str], list[tuple[Path, int]], list[tuple[Path, int]], Path]:
+    """Class names and (file, label) lists of train and val (or test), every layout mistake a KDError."""
+    layout = f"lay out your images as {path}/train/CLASS/* and {path}/val/CLASS/* (or test/CLASS/*)"
+    if not path.is_dir():
+        raise KDError(f"image folder {path} " + ("is not a folder" if path.exists() else "does not exist") + f"; {layout}")
+    train_dir = path / "train"
+    if not train_dir.is_dir():
+        raise KDError(f"{path} has no train/ folder; {layout}")
+    test_dir = next((path / n for n in ("val", "test") if (path / n).is_dir()), None)
+    if test_dir is None:
+        raise KDError(f"{path} has no val/ or test/ folder; {layout}")
+    classes, test_classes = _class_folders(train_dir), _class_folders(test_dir)
+    for c in classes:
+        if c not in test_classes:
+            raise KDError(f"class folder '{c}' is in {train_dir} but not in {test_dir}; every class needs a folder in both")
+    for c in test_classes:
+        if c not in classes:
+            raise KDError(f"class folder '{c}' is in {test_dir} but not in {train_dir}; every class needs a folder in both")
+    splits = []
+    for split in (train_dir, test_dir):
+        files = [(f, k) for k, c in enumerate(classes) for f in _image_files(split / c)]
+        if not files:
+            raise KDError(f"{split} holds no images (files ending {', '.join(IMAGE_EXTENSIONS)} in its class folders); {layout}")
+        splits.append(files)
+    counts = np.bincount([k for _, k in splits[0]], minlength=len(classes))
+    if (counts == 0).any():
+        raise KDError(f"{train_dir / classes[int(np.argmin(counts))]} holds no images; add some or remove the class folder")
+    return classes, splits[0], splits[1], test_dir
+
+
+def _unreadable(path: Path, e: Exception) -> KDError:
+    why = (str(e).splitlines() or [""])[0] or type(e).__name__
+    return KDError(f"cannot read image {path} ({why}); replace or remove the file")
+
+
+def _image_header(path: Path) -> tuple[tuple[int, int], str]:
+    """(width, height) and PIL mode of an image file, read from its header only."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.size, im.mode
+    except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError ...
+        raise _unreadable(path, e) from None
+
+
+def decode_image(path: Path | str, size: int, mode: str) -> np.ndarray:
+    """The image as uint8 H x W x C: converted to ``mode`` (L or RGB), resized (bilinear) to size x size."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert(mode) if im.mode != mode else im
+            if im.size != (size, size):
+                im = im.resize((size, size), Image.Resampling.BILINEAR)
+            a = np.array(im, dtype=np.uint8)
+    except Exception as e:  # truncated or corrupt data shows up only when decoding
+        raise _unreadable(Path(path), e) from None
+    return a.reshape(size, size, -1)
+
+
+def _parallel_map(fn, items: list) -> list:
+    """``fn`` over ``items`` in threads (PIL decodes without the GIL); the first error is raised."""
+    if len(items) < 64:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        return list(pool.map(fn, items))
+
+
+def _decode_many(paths: list[Path], size: int, mode: str) -> torch.Tensor:
+    """Decoded images as one uint8 tensor N x C x size x size."""
+    channels = 1 if mode == "L" else 3
+    out = torch.empty(len(paths), channels, size, size, dtype=torch.uint8)
+
+    def put(i: int) -> None:
+        out[i] = torch.from_numpy(decode_image(paths[i], size, mode)).permute(2, 0, 1)
+
+    _parallel_map(put, list(range(len(paths))))
+    return out
+
+
+def channel_mean_std(images: torch.Tensor, scale: float = 255.0) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and (population) std of uint8 images N x C x H x W divided by ``scale``.
+
+    Sums are exact int64 over chunks (no float copy of the whole set). A channel with no
+    spread at all gets std 1.0, so normalising never divides by zero.
+    """
+    c = images.shape[1]
+    s1 = torch.zeros(c, dtype=torch.int64)
+    s2 = torch.zeros(c, dtype=torch.int64)
+    per_image = max(1, images[0].numel()) if len(images) else 1
+    chunk = max(1, (1 << 22) // per_image)
+    for start in range(0, len(images), chunk):
+        x = images[start: start + chunk].to(torch.int64)
+        s1 += x.sum((0, 2, 3))
+        s2 += (x * x).sum((0, 2, 3))
+    n = images.numel() // c
+    mean = s1.double() / (n * scale)
+    var = (s2.double() / (n * scale * scale) - mean * mean).clamp_min(0.0)
+    std = var.sqrt()
+    std = torch.where(std > 1e-6, std, torch.ones_like(std))
+    return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Images decoded from their files per item, for folder sets too large to hold in memory.
+
+    Each item is (normalised float C x size x size, label): converted to ``mode``, resized,
+    then (while ``augment``) padded-and-cropped and flipped with the global torch RNG (which
+    DataLoader seeds per worker), then normalised with the data set's mean and std.
+    """
+
+    def __init__(self, files: list[tuple[Path, int]], classes: list[str], size: int, mode: str,
+                 mean: Sequence[float], std: Sequence[float], crop_padding: int = 0, flip: bool = False,
+                 augment: bool = False):
+        self.paths = [str(f) for f, _ in files]
+        self.targets = [int(k) for _, k in files]
+        self.classes = list(classes)
+        self.size, self.mode = int(size), mode
+        self.transform = BatchTransform(255.0, mean, std, crop_padding, flip)
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        x = torch.from_numpy(decode_image(self.paths[i], self.size, self.mode)).permute(2, 0, 1).unsqueeze(0)
+        return self.transform(x, self.augment)[0], self.targets[i]
+
+
+def default_folder_model(size: int, channels: int) -> str:
+    """Small-input ResNet-18 up to 64 px; above, the ImageNet-stem ResNet-18 (timm's for 1 channel)."""
+    if size <= 64:
+        return "resnet18"
+    return "torchvision:resnet18" if channels == 3 else "timm:resnet18"
+
+
+def load_image_folder(path: Path, image_size: int | None = None) -> DataSplit:
+    """A user's images in PATH/train/CLASS/* and PATH/val/CLASS/* (test/ when there is no val/).
+
+    Classes are the train/ folder names, sorted. Every image is resized (bilinear, aspect
+    not kept) to a square of ``image_size``, default the larger side of the first training
+    image. Grayscale (1 channel) when every training image is PIL mode L or 1, else RGB
+    (3 channels; other images converted). Mean and std are measured on the training images
+    (all of them when held in memory; :data:`STREAM_STATS_IMAGES` evenly spaced ones when
+    streamed). The set is held in memory as uint8 :class:`ImageTensors` when train + test
+    take at most :data:`IN_MEMORY_LIMIT_BYTES`, else streamed as :class:`ImageFiles`.
+    Augmentation: pad-and-crop by size // 8 and horizontal flips.
+    """
+    path = path.resolve()
+    classes, train_files, test_files, _ = scan_image_folder(path)
+    headers = _parallel_map(_image_header, [f for f, _ in train_files + test_files])
+    (w, h), _ = headers[0]
+    size = image_size or max(w, h)
+    gray = all(m in GRAY_MODES for _, m in headers[:len(train_files)])
+    mode, channels = ("L", 1) if gray else ("RGB", 3)
+    in_memory = (len(train_files) + len(test_files)) * channels * size * size <= IN_MEMORY_LIMIT_BYTES
+    if in_memory:
+        xtr = _decode_many([f for f, _ in train_files], size, mode)
+        xte = _decode_many([f for f, _ in test_files], size, mode)
+        mean, std = channel_mean_std(xtr)
+    else:
+        pick = np.unique(np.linspace(0, len(train_files) - 1, min(len(train_files), STREAM_STATS_IMAGES)).round().astype(int))
+        mean, std = channel_mean_std(_decode_many([train_files[i][0] for i in pick], size, mode))
+    info = DatasetInfo(IMAGEFOLDER_PREFIX + str(path), len(classes), channels, size, mean, std,
+                       default_folder_model(size, channels), size // 8, True, list(classes))
+    if in_memory:
+        labels = lambda files: torch.tensor([k for _, k in files], dtype=torch.int64)
+        return DataSplit(ImageTensors(xtr, labels(train_files)), ImageTensors(xte, labels(test_files)), info)
+    train = ImageFiles(train_files, classes, size, mode, mean, std, info.crop_padding, info.flip, augment=True)
+    test = ImageFiles(test_files, classes, size, mode, mean, std)
     return DataSplit(train, test, info)
 
 

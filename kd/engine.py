@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from kd import runs
 from kd.augment import BatchMix, CutoutTransform, WorkerAugmentLoader, parse_rand_augment
 from kd.config import TrainConfig
-from kd.data import BatchTransform, DatasetInfo, ImageTensors, IndexedDataset, TensorLoader
+from kd.data import BatchTransform, DatasetInfo, ImageFiles, ImageTensors, IndexedDataset, TensorLoader
 from kd.errors import KDError
 from kd.metrics import classification_metrics
 from kd.sources import TargetSource
@@ -103,6 +103,8 @@ def make_loader(data, info: DatasetInfo | None, cfg: TrainConfig, *, train: bool
             magnitude, num_ops = parse_rand_augment(cfg.aa)
             return WorkerAugmentLoader(loader, magnitude, num_ops, cfg.num_workers)
         return loader
+    if isinstance(data, ImageFiles):  # a streamed image folder augments per item, in the workers
+        data.augment = train and cfg.augment
     if train and (cfg.cutout or cfg.aa):
         raise KDError("--cutout and --aa work on in-memory image data sets (digits, MNIST, Fashion-MNIST, CIFAR, "
                       "SVHN, small image folders); this data set is streamed or not made of images")

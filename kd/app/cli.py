@@ -33,6 +33,8 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default=S, help="registered name (lenet, resnet18, ...), timm:NAME or torchvision:NAME; default: the data set's")
     g.add_argument("--dataset", default=S, help="digits (default), mnist, fashion-mnist, cifar10, cifar100, svhn, tinyimagenet, imagenet100, animals10n, or imagefolder:PATH (your own images: PATH/train/CLASS/*, PATH/val/CLASS/*)")
     g.add_argument("--data-root", default=S, help="where the data set lies (default: $KD_DATA_ROOT or ./data)")
+    g.add_argument("--image-size", type=int, default=S,
+                   help="imagefolder:PATH: side of the square the images are resized to (default: the first image's)")
     g.add_argument("--download", action="store_true", default=S, help="allow torchvision to download the data set")
     g.add_argument("--epochs", type=int, default=S, help="default 30")
     g.add_argument("--batch-size", type=int, default=S, help="default 128")
@@ -135,7 +137,7 @@ def _cmd_bench(args) -> int:
 def _cmd_loader_bench(args) -> int:
     out = check_new_file(args.out) if args.out else None
     r = loader_ratio(args.dataset, args.model, args.batch_size, args.repeats, args.data_root, args.device,
-                     log=None if args.quiet else print)
+                     log=None if args.quiet else print, aa=args.aa, num_workers=args.num_workers)
     print(f"{r['dataset']} / {r['model']}: real-loader epoch {r['real_epoch_s_median']:.2f}s, in-memory epoch "
           f"{r['memory_epoch_s_median']:.2f}s, ratio {r['ratio']:.3f} (medians of {r['repeats']}; "
           f"paired {r['paired_ratio']:.3f})")
@@ -241,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=11)
     p.add_argument("--data-root", default=None)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--aa", default=None, metavar="rand-mM-nN", help="also apply RandAugment per image, in loader workers")
+    p.add_argument("--num-workers", type=int, default=2, help="loader workers for --aa (default 2)")
     p.add_argument("--out", default=None, metavar="FILE.json")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_loader_bench)

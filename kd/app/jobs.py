@@ -59,7 +59,7 @@ def train_teacher_job(cfg: TrainConfig, out: str | Path, progress: bool = True, 
     """`kd train-teacher`: train a network with a label-only source (1-hot, LS, LS++, ...) into ``out``."""
     cfg.validate()
     _open_run(out, resume)
-    split = load_dataset(cfg.dataset, cfg.data_root, cfg.download)
+    split = load_dataset(cfg.dataset, cfg.data_root, cfg.download, image_size=cfg.image_size)
     source = make_source(cfg.method, split.info.num_classes, label_only=True, dataset=split.info.name,
                          num_train=len(split.train), info=split.info, **cfg.source_options())
     name, model = build_model(cfg, split)
@@ -77,7 +77,7 @@ def distill_job(cfg: TrainConfig, out: str | Path, progress: bool = True, log=pr
     if not cfg.teacher:
         raise KDError("--teacher SPEC is required")
     _open_run(out, resume)
-    split = load_dataset(cfg.dataset, cfg.data_root, cfg.download)
+    split = load_dataset(cfg.dataset, cfg.data_root, cfg.download, image_size=cfg.image_size)
     teacher = teacher_from_spec(cfg.teacher, split.info, len(split.train), **cfg.source_options())
     name, student = build_model(cfg, split)
     resolved = cfg.updated({"model": name, "alpha": getattr(teacher, "alpha", None)})
@@ -93,7 +93,7 @@ def distill_job(cfg: TrainConfig, out: str | Path, progress: bool = True, log=pr
 def _teacher_train_logits(run_dir: Path, dataset: str | None, data_root: str | None, device: str):
     model, meta = load_teacher_network(run_dir)
     name = dataset or meta["dataset"]
-    split = load_dataset(name, data_root)
+    split = load_dataset(name, data_root, image_size=meta.get("image_size") if name == meta["dataset"] else None)
     if meta["dataset"] != split.info.name:
         raise KDError(f"teacher run {run_dir} was trained on '{meta['dataset']}', not '{split.info.name}'")
     if device == "auto":
