@@ -21,11 +21,13 @@ from teachers.onehot import OneHot
 
 
 def loader_ratio(dataset: str = "fashion-mnist", model: str | None = None, batch_size: int = 128,
-                 repeats: int = 5, data_root: str | None = None, device: str = "cpu", log=print) -> dict:
+                 repeats: int = 5, data_root: str | None = None, device: str = "cpu", log=print,
+                 aa: str | None = None, num_workers: int = 2) -> dict:
+    """Real-loader epoch time over in-memory epoch time; ``aa`` adds per-image RandAugment in workers."""
     split = load_dataset(dataset, data_root)
     info = split.info
     name = model or info.default_model
-    cfg = TrainConfig(dataset=dataset, model=name, batch_size=batch_size, device=device)
+    cfg = TrainConfig(dataset=dataset, model=name, batch_size=batch_size, device=device, aa=aa, num_workers=num_workers)
     dev = torch.device(device)
     torch.manual_seed(0)
     net0 = create_model(name, info.num_classes, info.channels, info.image_size)
@@ -56,6 +58,7 @@ def loader_ratio(dataset: str = "fashion-mnist", model: str | None = None, batch
         if log and rep > 0:
             log(f"repeat {rep}/{repeats}: real loader {real_times[-1]:.2f}s, in memory {mem_times[-1]:.2f}s")
     return {"dataset": info.name, "model": name, "batch_size": batch_size, "steps_per_epoch": len(batches),
+            "aa": aa, "num_workers": num_workers if aa else 0,
             "real_epoch_s_median": statistics.median(real_times), "memory_epoch_s_median": statistics.median(mem_times),
             "ratio": statistics.median(real_times) / statistics.median(mem_times),
             "paired_ratio": statistics.median(a / b for a, b in zip(real_times, mem_times)), "repeats": repeats,
