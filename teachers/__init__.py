@@ -14,16 +14,27 @@ from importlib.metadata import entry_points
 from kd.errors import KDError
 from kd.sources import SourceContext, TargetSource
 from teachers.cached import CachedTeacher
+from teachers.focal import AdaptiveFocalLoss, FocalLoss
 from teachers.lspp import LSPPLoss
+from teachers.lspp_ablation import LSPPCrossEntropy, LSPPSymmetricCrossEntropy
+from teachers.mbls import MarginLabelSmoothing
 from teachers.network import NetworkTeacher
+from teachers.ols import OnlineLabelSmoothing
 from teachers.onehot import OneHot
 from teachers.proxy import ProxyTeacher
 from teachers.smoothing import LabelSmoothing
+from teachers.tfkd import TfKDRegularization, TfKDSelf
+from teachers.zipf import ZipfLabelSmoothing
 
 DEFAULT_ALPHA = 0.1
 ENTRY_POINT_GROUP = "proxykd.sources"
 
-BUILTIN: tuple[type[TargetSource], ...] = (OneHot, LabelSmoothing, LSPPLoss, ProxyTeacher, NetworkTeacher, CachedTeacher)
+BUILTIN: tuple[type[TargetSource], ...] = (
+    OneHot, LabelSmoothing, LSPPLoss, ProxyTeacher, NetworkTeacher, CachedTeacher,   # the spine
+    LSPPCrossEntropy, LSPPSymmetricCrossEntropy,                                      # LS++'s loss ablation
+    TfKDRegularization, TfKDSelf, OnlineLabelSmoothing, ZipfLabelSmoothing,           # the paper's comparisons
+    MarginLabelSmoothing, FocalLoss, AdaptiveFocalLoss,
+)
 
 
 def _discover() -> dict[str, type[TargetSource]]:
