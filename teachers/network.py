@@ -31,16 +31,8 @@ class NetworkTeacher(TargetSource):
 
     @classmethod
     def from_spec(cls, arg: str, ctx: SourceContext) -> "NetworkTeacher":
-        if not arg:
-            raise KDError("teacher 'network' needs a run directory: network:RUN_DIR (from `kd train-teacher`)")
-        model, meta = load_teacher_network(arg)
-        k = ctx.num_classes
-        if ctx.dataset is not None and meta.get("dataset") != ctx.dataset:
-            raise KDError(f"teacher run {arg} was trained on '{meta.get('dataset')}', not '{ctx.dataset}'")
-        if meta["num_classes"] != k:
-            raise KDError(f"teacher run {arg} has K={meta['num_classes']} classes but the data set has {k}")
-        affine = normalisation_affine(meta, ctx.info.mean, ctx.info.std) if ctx.info is not None else None
-        return cls(model, k, ctx.option("temperature"), ctx.option("hard_weight", 0.0), affine)
+        model, affine = load_checked_teacher(cls.name, arg, ctx)
+        return cls(model, ctx.num_classes, ctx.option("temperature"), ctx.option("hard_weight", 0.0), affine)
 
     @classmethod
     def stand_in(cls, ctx: SourceContext) -> "NetworkTeacher":
@@ -86,6 +78,19 @@ class NetworkTeacher(TargetSource):
             return {"ce": soft_cross_entropy(logits, t_logits.softmax(-1))}
         # with mixup / cutmix the teacher sees the mixed input and the hard term is CE on the soft labels m
         return {"kd": hinton_kd_loss(logits, t_logits, labels, self.temperature, self.hard_weight)}
+
+
+def load_checked_teacher(name: str, arg: str, ctx: SourceContext):
+    """The network of run directory ``arg``, checked against the data set, and its input affine map."""
+    if not arg:
+        raise KDError(f"teacher '{name}' needs a run directory: {name}:RUN_DIR (from `kd train-teacher`)")
+    model, meta = load_teacher_network(arg)
+    if ctx.dataset is not None and meta.get("dataset") != ctx.dataset:
+        raise KDError(f"teacher run {arg} was trained on '{meta.get('dataset')}', not '{ctx.dataset}'")
+    if meta["num_classes"] != ctx.num_classes:
+        raise KDError(f"teacher run {arg} has K={meta['num_classes']} classes but the data set has {ctx.num_classes}")
+    affine = normalisation_affine(meta, ctx.info.mean, ctx.info.std) if ctx.info is not None else None
+    return model, affine
 
 
 def load_teacher_network(run_dir: str | Path) -> tuple[nn.Module, dict]:

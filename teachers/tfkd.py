@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from kd.errors import KDError
 from kd.losses import soft_cross_entropy
 from kd.sources import SourceContext, TargetSource
-from teachers.network import NetworkTeacher, load_teacher_network, normalisation_affine
+from teachers.network import NetworkTeacher, load_checked_teacher
 
 #: p^d: the virtual teacher's probability on the true class (the official ``correct_prob``).
 CORRECT_PROB = 0.99
@@ -143,16 +143,8 @@ class TfKDSelf(NetworkTeacher):
 
     @classmethod
     def from_spec(cls, arg: str, ctx: SourceContext) -> "TfKDSelf":
-        if not arg:
-            raise KDError("teacher 'tfkd-self' needs a run directory: tfkd-self:RUN_DIR (from `kd train-teacher`)")
-        model, meta = load_teacher_network(arg)
-        k = ctx.num_classes
-        if ctx.dataset is not None and meta.get("dataset") != ctx.dataset:
-            raise KDError(f"teacher run {arg} was trained on '{meta.get('dataset')}', not '{ctx.dataset}'")
-        if meta["num_classes"] != k:
-            raise KDError(f"teacher run {arg} has K={meta['num_classes']} classes but the data set has {k}")
-        affine = normalisation_affine(meta, ctx.info.mean, ctx.info.std) if ctx.info is not None else None
-        return cls(model, k, ctx.option("alpha", 0.95), ctx.option("temperature", 6.0),
+        model, affine = load_checked_teacher(cls.name, arg, ctx)
+        return cls(model, ctx.num_classes, ctx.option("alpha", 0.95), ctx.option("temperature", 6.0),
                    ctx.option("multiplier", 50.0), affine)
 
     @classmethod
