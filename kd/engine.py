@@ -244,6 +244,113 @@ def prepare_training(accelerator, model: nn.Module, source: TargetSource, cfg: T
     return Training(prepared, source, optimizer, scheduler, device.type, amp_dtype, scaler, shared, world, mix)
 
 
+def _labels_of(data) -> torch.Tensor | None:
+    """The integer labels of a data set without decoding its items, or None when they cannot be read so.
+
+    ``ImageTensors.labels``, ``TensorDataset.tensors[1]`` or a map-style set's ``targets``
+    (folder sets, torchvision sets); any other data set is not checked (its labels would take
+    a pass over every item).
+    """
+    if isinstance(data, ImageTensors):
+        labels = data.labels
+    elif isinstance(data, torch.utils.data.TensorDataset):
+        labels = data.tensors[1] if len(data.tensors) > 1 else None
+    else:
+        labels = getattr(data, "targets", None)
+    if labels is None:
+        return None
+    try:
+        labels = torch.as_tensor(labels)
+    except (TypeError, ValueError, RuntimeError):
+        return None
+    if labels.ndim != 1 or labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        return None  # soft or odd labels: not class indices, nothing to check here
+    return labels
+
+
+def check_labels(data, num_classes: int, what: str) -> None:
+    """Raise a one-line KDError when a label of ``data`` lies outside [0, num_classes); one pass, no per-step cost."""
+    labels = _labels_of(data)
+    if labels is None or labels.numel() == 0:
+        return
+    bad = (labels < 0) | (labels >= num_classes)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise KDError(f"{what} label {int(labels[i])} at sample {i} is outside [0, {num_classes}); "
+                      f"the source has K={num_classes} classes")
+
+
+def _one_test_batch(test_loader, test_data):
+    """Inputs of one un-augmented test sample (a 1-sample batch), or None when there is none."""
+    if isinstance(test_loader, TensorLoader):
+        for x, _, _ in test_loader:
+            return x[:1]
+        return None
+    if len(test_data) == 0:
+        return None
+    item = test_data[0]
+    x = item[0] if isinstance(item, (tuple, list)) else item
+    return torch.utils.data.default_collate([x]) if torch.is_tensor(x) else None
+
+
+def check_output_size(model: nn.Module, source: TargetSource, test_loader, test_data, device,
+                      channels_last: bool = False) -> None:
+    """One forward of one test sample (eval mode, no grad, train mode restored): K must match the source's."""
+    with torch.random.fork_rng(devices=[]):  # a DataLoader draws a seed from the global RNG; keep runs unchanged
+        x = _one_test_batch(test_loader, test_data)
+    if x is None:
+        return
+    x = x.to(device)
+    if channels_last and x.ndim == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x)
+    finally:
+        model.train(was_training)
+    if torch.is_tensor(out) and out.ndim == 2 and out.shape[1] != source.num_classes:
+        raise KDError(f"the model outputs {out.shape[1]} logits per sample but the source '{source.name}' has "
+                      f"K={source.num_classes} classes; build the model with {source.num_classes} outputs")
+
+
+def _nonfinite_parts(model: nn.Module, source: TargetSource, term_sums: dict[str, torch.Tensor],
+                     all_reduce: Callable[[torch.Tensor], torch.Tensor]) -> list[str]:
+    """Which of the epoch's loss terms, the source's parameters or the model's are NaN/Inf (one host sync).
+
+    Called once per epoch: the per-step term sums are non-finite as soon as one step's loss was.
+    The flags are summed over processes, so every rank stops at the same epoch.
+    """
+    names = [f"loss term '{k}'" for k in term_sums]
+    checks = [torch.isfinite(v).all() for v in term_sums.values()]
+    src = [(n, p) for n, p in source.named_parameters()]
+    names += [f"source parameter '{n}'" for n, _ in src]
+    checks += [torch.isfinite(p.detach()).all() for _, p in src]
+    params = list(model.parameters())
+    if params:
+        names.append("model weights")
+        # one reading pass, no mask: a sum is NaN/Inf when any element is (or when weights near 1e38 overflow it)
+        checks.append(torch.isfinite(torch.stack([p.detach().float().sum() for p in params]).sum()))
+    if not checks:
+        return []
+    flags = all_reduce((~torch.stack(checks)).float())
+    return [n for n, f in zip(names, flags.tolist()) if f > 0]
+
+
+def _nonfinite_message(epoch: int, bad: list[str], cfg: TrainConfig, kept: int | None, run_dir: Path | None) -> str:
+    """One line: what went NaN/Inf, in which epoch, the likely causes and what is left on disk."""
+    what = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+    msg = (f"training diverged at some step of epoch {epoch}: {what} became NaN/Inf; likely causes: NaN/Inf "
+           f"in the inputs, or the learning rate too high (--lr {cfg.lr:g}): check the data or lower --lr")
+    if run_dir is None:
+        return msg + "; nothing was kept"
+    if kept is None:
+        return msg + f" and start a new run; {run_dir} holds no finished epoch and no weights were written"
+    return msg + (f"; no weights or summary were written and the checkpoint of epoch {kept} in {run_dir} is kept "
+                  "(--resume continues from it with the run's own settings)")
+
+
 def fit(model: nn.Module, source: TargetSource, train_data, test_data, cfg: TrainConfig, *,
         info: DatasetInfo | None = None, run_dir: Path | None = None, meta: dict[str, Any] | None = None,
         progress: bool = True, log: Callable[[str], None] | None = print, resume: bool = False) -> FitResult:
@@ -254,6 +361,19 @@ def fit(model: nn.Module, source: TargetSource, train_data, test_data, cfg: Trai
     summary.json at the end, when the checkpoint is removed). With ``resume`` a run killed
     between epochs continues from its checkpoint; in a single process the result is the one
     the uninterrupted run gives.
+
+    Checked at the door, once per run and not per step: every label of ``train_data`` and
+    ``test_data`` lies in [0, K) with K = ``source.num_classes`` (read from
+    ``ImageTensors.labels``, ``TensorDataset.tensors[1]`` or a map-style set's ``targets``; a
+    data set whose labels cannot be read without decoding every item is not checked), and one
+    forward of one test sample gives K logits. Either failing raises a one-line KDError.
+
+    A non-finite training loss, source parameter (LS++'s C) or model weight stops the run with
+    a KDError naming the epoch ("at some step of epoch E": the check reads the epoch's summed
+    loss terms and the parameters once per epoch, so no step pays a host synchronisation, and
+    the failing step is not pinned down). It runs before that epoch's metrics and checkpoint are
+    written: no weights, C-matrix or summary are written, and the checkpoint on disk stays the
+    one of the last good epoch.
     """
     accelerator = make_accelerator(cfg)
     set_seed(cfg.seed)
@@ -264,7 +384,10 @@ def fit(model: nn.Module, source: TargetSource, train_data, test_data, cfg: Trai
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:
         raise KDError(f"the training set ({len(train_data)} samples) is smaller than one batch ({cfg.batch_size}); lower --batch-size")
+    check_labels(train_data, source.num_classes, "training")
+    check_labels(test_data, source.num_classes, "test")
     training = prepare_training(accelerator, model, source, cfg, steps_per_epoch)
+    check_output_size(model, source, test_loader, test_data, device, cfg.channels_last)
     main = accelerator.is_main_process
     loader_rng = train_loader.generator if isinstance(train_loader, (TensorLoader, WorkerAugmentLoader)) else None
     ckpt_path = run_dir / runs.CHECKPOINT if run_dir is not None else None
@@ -295,6 +418,10 @@ def fit(model: nn.Module, source: TargetSource, train_data, test_data, cfg: Trai
         training.source.on_epoch_end(training.all_reduce)
         seconds = time.perf_counter() - t0
         total_seconds += seconds
+        bad = _nonfinite_parts(model, training.source, term_sums, training.all_reduce)  # before anything is written
+        if bad:
+            raise KDError(_nonfinite_message(epoch, bad, cfg, kept=history[-1]["epoch"] if history else None,
+                                             run_dir=run_dir))
         logits, labels = evaluate(model, test_loader, device, cfg.channels_last)
         m = classification_metrics(logits, labels)
         terms_mean = {f"loss_{k}": float(v) / steps_per_epoch for k, v in term_sums.items()}
@@ -320,6 +447,6 @@ def fit(model: nn.Module, source: TargetSource, train_data, test_data, cfg: Trai
         class_names = (info.class_names if info else None) or [str(i) for i in range(source.num_classes)]
         source.write_artifacts(run_dir, class_names, meta or {})
         runs.write_summary(run_dir, summary)
-        ckpt_path.unlink(missing_ok=True)  # the finished run no longer needs it
+        runs.remove_checkpoint(ckpt_path)  # the finished run no longer needs it
     accelerator.wait_for_everyone()
     return FitResult(model, source, summary, history)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import numbers
 import os
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,10 @@ METRICS = "metrics.csv"
 WEIGHTS = "model.safetensors"
 C_MATRIX = "c_matrix.safetensors"
 SUMMARY = "summary.json"
+# A safetensors file (no pickle): every tensor, plus the rest as JSON in its metadata. Its existence says
+# "resumable". The name is the one older versions used for a torch.save pickle, which is refused, never read.
 CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_FORMAT = "proxykd-checkpoint-v1"
 METRIC_COLUMNS = ["epoch", "train_loss", "test_acc", "test_nll", "test_ece", "seconds"]
 
 
@@ -155,25 +159,86 @@ def load_c_matrix(path: str | Path) -> tuple[torch.Tensor, dict[str, Any]]:
     return c, meta
 
 
+def _plain(value: Any) -> Any:
+    """A JSON-safe copy of a state_dict value made of numbers, strings, bools, None, lists and dicts
+    (tuples are marked so they come back as tuples)."""
+    if isinstance(value, tuple):
+        return {"__tuple__": [_plain(v) for v in value]}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, numbers.Integral):  # numpy integers and the like
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    raise TypeError(f"cannot write {type(value).__name__} to a checkpoint")
+
+
+def _unplain(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_unplain(v) for v in value]
+    if isinstance(value, dict):
+        if set(value) == {"__tuple__"}:
+            return tuple(_unplain(v) for v in value["__tuple__"])
+        return {k: _unplain(v) for k, v in value.items()}
+    return value
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint and any half-written copy of it."""
+    path = Path(path)
+    path.unlink(missing_ok=True)
+    path.with_name(path.name + ".tmp").unlink(missing_ok=True)
+
+
 def save_checkpoint(path: Path, epoch: int, history: list[dict[str, Any]], total_seconds: float,
                     model: torch.nn.Module, source: torch.nn.Module, optimizer, scheduler,
                     loader_rng: torch.Generator | None = None) -> None:
-    """Everything needed to continue a run after its last finished epoch, written atomically.
+    """Everything needed to continue a run after its last finished epoch, written without pickle.
 
-    Only the source's own state is kept (``checkpoint_state``: LS++'s C, OLS's statistics); a
-    frozen teacher is rebuilt from its run.
+    One safetensors file, replaced atomically: its tensors are the model state (``model.*``), the
+    source's own state (``source.*``, from ``checkpoint_state``: LS++'s C, OLS's matrix; a frozen
+    teacher is rebuilt from its run), the optimizer state (``optimizer.state.<param index>.<name>``)
+    and the RNG states (``rng.cpu``, ``rng.cuda.<i>``, ``rng.loader``, uint8); its metadata entry
+    ``checkpoint`` is a JSON document with the rest (epoch, history, seconds, scheduler state,
+    optimizer param_groups and non-tensor state) and the key of every tensor.
     """
-    state = {
-        "epoch": epoch, "history": history, "total_seconds": total_seconds,
-        "model": model.state_dict(),
-        "source": source.checkpoint_state(),
-        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        "loader_rng": loader_rng.get_state() if loader_rng is not None else None,
+    path = Path(path)
+    tensors: dict[str, torch.Tensor] = {}
+
+    def put(key: str, t: torch.Tensor) -> str:
+        tensors[key] = t.detach().cpu().contiguous().clone()
+        return key
+
+    model_keys = {k: put(f"model.{k}", v) for k, v in model.state_dict().items()}
+    source_keys = {k: put(f"source.{k}", v) for k, v in source.checkpoint_state().items()}
+    opt = optimizer.state_dict()
+    opt_tensors: dict[str, dict[str, str]] = {}
+    opt_values: dict[str, dict[str, Any]] = {}
+    for index, entry in opt["state"].items():
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                opt_tensors.setdefault(str(index), {})[name] = put(f"optimizer.state.{index}.{name}", value)
+            else:
+                opt_values.setdefault(str(index), {})[name] = _plain(value)
+    rng = {"cpu": put("rng.cpu", torch.get_rng_state()), "cuda": None, "loader": None}
+    if torch.cuda.is_available():
+        rng["cuda"] = [put(f"rng.cuda.{i}", s) for i, s in enumerate(torch.cuda.get_rng_state_all())]
+    if loader_rng is not None:
+        rng["loader"] = put("rng.loader", loader_rng.get_state())
+    doc = {
+        "format": CHECKPOINT_FORMAT,
+        "epoch": int(epoch), "history": _plain(history), "total_seconds": float(total_seconds),
+        "model": model_keys, "source": source_keys,
+        "optimizer": {"param_groups": _plain(opt["param_groups"]), "state_tensors": opt_tensors,
+                      "state_values": opt_values},
+        "scheduler": _plain(scheduler.state_dict()), "rng": rng,
     }
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
+    save_file(tensors, str(tmp), metadata={"format": CHECKPOINT_FORMAT, "checkpoint": json.dumps(doc)})
     os.replace(tmp, path)
 
 
@@ -181,23 +246,80 @@ def restore_checkpoint(path: Path, model: torch.nn.Module, source: torch.nn.Modu
                        loader_rng: torch.Generator | None = None) -> tuple[int, list[dict[str, Any]], float]:
     """Load a checkpoint into the training objects; returns (finished epoch, history, seconds so far)."""
     state = load_checkpoint(path)
-    model.load_state_dict(state["model"])
-    source.load_checkpoint_state(state["source"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"])
-    if state.get("cuda_rng") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    if state.get("loader_rng") is not None and loader_rng is not None:
-        loader_rng.set_state(state["loader_rng"])
+    try:
+        model.load_state_dict(state["model"])
+        source.load_checkpoint_state(state["source"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        if state.get("loader_rng") is not None and loader_rng is not None:
+            loader_rng.set_state(state["loader_rng"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise KDError(f"{path} does not fit this run ({why}); start the run anew in a new --out") from None
     return state["epoch"], state["history"], state["total_seconds"]
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a checkpoint (safetensors + JSON metadata, never a pickle) back into the dict
+    :func:`restore_checkpoint` applies: model, source, optimizer and scheduler state dicts, RNG
+    states, epoch, history and seconds so far."""
+    path = Path(path)
+
+    def bad(why: str) -> KDError:
+        return KDError(f"{path} is not a readable checkpoint ({why}); start the run anew in a new --out")
+
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError, ValueError) as e:
-        raise KDError(f"{path} is not a readable checkpoint ({str(e).splitlines()[0]}); start the run anew") from None
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise bad(f"not a safetensors file, e.g. an old pickle checkpoint, which is never read: {why}") from None
+    if meta.get("format") != CHECKPOINT_FORMAT or "checkpoint" not in meta:
+        raise bad(f"no {CHECKPOINT_FORMAT} metadata")
+    try:
+        doc = json.loads(meta["checkpoint"])
+    except ValueError as e:
+        raise bad(f"its metadata is not valid JSON: {str(e).splitlines()[0]}") from None
+    if not isinstance(doc, dict):
+        raise bad("its metadata is not a JSON object")
+
+    def tensor(key: Any) -> torch.Tensor:
+        if not isinstance(key, str) or key not in tensors:
+            raise bad(f"tensor {key!r} is missing")
+        return tensors[key]
+
+    try:
+        opt = doc["optimizer"]
+        opt_state: dict[int, dict[str, Any]] = {}
+        for index, names in opt["state_tensors"].items():
+            opt_state.setdefault(int(index), {}).update({n: tensor(k) for n, k in names.items()})
+        for index, values in opt["state_values"].items():
+            opt_state.setdefault(int(index), {}).update(_unplain(values))
+        rng = doc["rng"]
+        cuda = rng.get("cuda")
+        state = {
+            "epoch": int(doc["epoch"]), "history": _unplain(doc["history"]),
+            "total_seconds": float(doc["total_seconds"]),
+            "model": {k: tensor(v) for k, v in doc["model"].items()},
+            "source": {k: tensor(v) for k, v in doc["source"].items()},
+            "optimizer": {"state": opt_state, "param_groups": _unplain(opt["param_groups"])},
+            "scheduler": _unplain(doc["scheduler"]),
+            "rng": tensor(rng["cpu"]),
+            "cuda_rng": [tensor(k) for k in cuda] if cuda is not None else None,
+            "loader_rng": tensor(rng["loader"]) if rng.get("loader") is not None else None,
+        }
+    except KDError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise bad(f"missing or malformed entry {e}") from None
+    if not isinstance(state["history"], list) or not isinstance(state["scheduler"], dict) \
+            or not isinstance(state["optimizer"]["param_groups"], list):
+        raise bad("malformed history, scheduler or optimizer entry")
+    return state
 
 
 def read_summary(run_dir: Path) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from conftest import ROOT
+from kd import runs
 from kd.app.jobs import train_teacher_job
 from kd.config import TrainConfig
 from kd.errors import KDError
@@ -250,7 +251,7 @@ def test_resumed_ols_run_equals_the_uninterrupted_one(tmp_path):
     straight = train_teacher_job(cfg, tmp_path / "straight", progress=False, log=None)
     with pytest.raises(Killed):
         train_teacher_job(cfg, tmp_path / "killed", progress=False, log=kill_after(2))
-    state = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=False)["source"]
+    state = runs.load_checkpoint(tmp_path / "killed" / runs.CHECKPOINT)["source"]
     assert set(state) == {"table"} and torch.allclose(state["table"].sum(1), torch.ones(10))
     resumed = train_teacher_job(cfg, tmp_path / "killed", progress=False, log=None, resume=True)
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3, 4]

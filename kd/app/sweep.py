@@ -21,6 +21,7 @@ from typing import Any
 
 import pandas as pd
 
+from kd import runs
 from kd.app.jobs import distill_job, export_proxy_job, train_teacher_job
 from kd.config import TrainConfig, load_yaml_config
 from kd.errors import KDError
@@ -74,7 +75,7 @@ def run_sweep(path: str | Path, log=print) -> pd.DataFrame:
                 continue
             if (out / "summary.json").is_file():
                 continue
-            resume = (out / "checkpoint.pt").is_file()
+            resume = (out / runs.CHECKPOINT).is_file()
             if out.exists() and not resume:
                 aside = out.with_name(f"{out.name}.interrupted-{time.strftime('%Y%m%dT%H%M%S')}")
                 out.rename(aside)
