@@ -14,6 +14,7 @@ from kd.config import TrainConfig
 from kd.data import DataSplit, load_dataset
 from kd.engine import FitResult, fit, predict
 from kd.errors import KDError
+from kd.lock import run_lock
 from kd.models import create_model
 from students import distill
 from teachers import DEFAULT_ALPHA, make_source, teacher_from_spec
@@ -64,10 +65,11 @@ def train_teacher_job(cfg: TrainConfig, out: str | Path, progress: bool = True, 
                          num_train=len(split.train), info=split.info, **cfg.source_options())
     name, model = build_model(cfg, split)
     resolved = cfg.updated({"model": name, "alpha": getattr(source, "alpha", None)})
-    run_dir = _start_or_continue(out, resolved, resume)
     meta = {"kind": "teacher", "method": cfg.method, "alpha": resolved.alpha, **model_meta(cfg, split, name)}
-    return fit(model, source, split.train, split.test, resolved, info=split.info, run_dir=run_dir,
-               meta=meta, progress=progress, log=log, resume=resume)
+    with run_lock(out, runs.launch_rank()):  # a second run on the same --out refuses instead of interleaving
+        run_dir = _start_or_continue(out, resolved, resume)
+        return fit(model, source, split.train, split.test, resolved, info=split.info, run_dir=run_dir,
+                   meta=meta, progress=progress, log=log, resume=resume)
 
 
 def distill_job(cfg: TrainConfig, out: str | Path, progress: bool = True, log=print,
@@ -81,10 +83,10 @@ def distill_job(cfg: TrainConfig, out: str | Path, progress: bool = True, log=pr
     teacher = teacher_from_spec(cfg.teacher, split.info, len(split.train), **cfg.source_options())
     name, student = build_model(cfg, split)
     resolved = cfg.updated({"model": name, "alpha": getattr(teacher, "alpha", None)})
-    run_dir = _start_or_continue(out, resolved, resume)
     meta = {"kind": "student", "teacher": cfg.teacher, "teacher_kind": cfg.teacher.partition(":")[0],
             "alpha": resolved.alpha, **model_meta(cfg, split, name)}
-    with warnings.catch_warnings():
+    with run_lock(out, runs.launch_rank()), warnings.catch_warnings():
+        run_dir = _start_or_continue(out, resolved, resume)
         warnings.simplefilter("always")
         return distill(student, teacher, split.train, split.test, resolved, info=split.info, run_dir=run_dir,
                        meta=meta, progress=progress, log=log, resume=resume)
