@@ -35,7 +35,7 @@ def launch_rank() -> int:
 def check_new_run_dir(out: str | Path) -> Path:
     """Refuse an existing file or non-empty directory, so that nothing is overwritten."""
     p = Path(out)
-    if p.exists() and (not p.is_dir() or any(p.iterdir())):
+    if p.exists() and (not p.is_dir() or any(c.name != ".lock" for c in p.iterdir())):  # .lock: kd.lock
         raise KDError(f"output {p} already exists and is not empty; choose a new --out (nothing was written)")
     return p
 
