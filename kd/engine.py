@@ -395,7 +395,8 @@ def fit(model: nn.Module, source: TargetSource, train_data, test_data, cfg: Trai
     total_seconds, first_epoch = 0.0, 1
     if resume and ckpt_path is not None and ckpt_path.is_file():
         done, history, total_seconds = runs.restore_checkpoint(ckpt_path, model, source, training.optimizer,
-                                                               training.scheduler, loader_rng)
+                                                               training.scheduler, loader_rng,
+                                                               rank=accelerator.process_index)
         first_epoch = done + 1
         if main and log is not None:
             log(f"resuming after epoch {done} from {ckpt_path}")
@@ -428,10 +429,12 @@ def fit(model: nn.Module, source: TargetSource, train_data, test_data, cfg: Trai
         row = {"epoch": epoch, "train_loss": sum(terms_mean.values()), "test_acc": m["acc"],
                "test_nll": m["nll"], "test_ece": m["ece"], "seconds": seconds, **terms_mean}
         history.append(row)
+        # every rank's own RNG states (a collective: all ranks, before rank 0 writes)
+        rank_rng = runs.gather_rng_states(loader_rng) if run_dir is not None else None
         if main and run_dir is not None:
             runs.write_metrics(run_dir, history)
             runs.save_checkpoint(ckpt_path, epoch, history, total_seconds, model, source, training.optimizer,
-                                 training.scheduler, loader_rng)
+                                 training.scheduler, loader_rng, rank_rng)
         if main and log is not None:
             log(f"epoch {epoch:3d}  loss {row['train_loss']:.4f}  acc {m['acc']:.4f}  nll {m['nll']:.4f}  "
                 f"ece {m['ece']:.4f}  {seconds:.1f}s")

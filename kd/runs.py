@@ -194,15 +194,40 @@ def remove_checkpoint(path: Path) -> None:
     path.with_name(path.name + ".tmp").unlink(missing_ok=True)
 
 
+def gather_rng_states(loader_rng: torch.Generator | None = None) -> dict[str, list[torch.Tensor]] | None:
+    """Every rank's torch CPU RNG state and training-loader generator state, gathered to all ranks.
+
+    A collective: call it on every rank (before rank 0's :func:`save_checkpoint`). The states have
+    a fixed size, so one ``all_gather`` of equal-size uint8 tensors carries them (no pickle).
+    Returns ``{"cpu": [state of rank 0, 1, ...], "loader": [...]}`` ("loader" empty without a
+    generator), or None outside a multi-process launch.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+    parts = [torch.get_rng_state()] + ([loader_rng.get_state()] if loader_rng is not None else [])
+    sizes = [p.numel() for p in parts]
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    mine = torch.cat(parts).to(device)
+    everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(everyone, mine)
+    split = [list(t.cpu().split(sizes)) for t in everyone]
+    return {"cpu": [s[0] for s in split], "loader": [s[1] for s in split] if loader_rng is not None else []}
+
+
 def save_checkpoint(path: Path, epoch: int, history: list[dict[str, Any]], total_seconds: float,
                     model: torch.nn.Module, source: torch.nn.Module, optimizer, scheduler,
-                    loader_rng: torch.Generator | None = None) -> None:
+                    loader_rng: torch.Generator | None = None,
+                    rank_rng: dict[str, list[torch.Tensor]] | None = None) -> None:
     """Everything needed to continue a run after its last finished epoch, written without pickle.
 
     One safetensors file, replaced atomically: its tensors are the model state (``model.*``), the
     source's own state (``source.*``, from ``checkpoint_state``: LS++'s C, OLS's matrix; a frozen
     teacher is rebuilt from its run), the optimizer state (``optimizer.state.<param index>.<name>``)
-    and the RNG states (``rng.cpu``, ``rng.cuda.<i>``, ``rng.loader``, uint8); its metadata entry
+    and the RNG states (``rng.cpu``, ``rng.cuda.<i>``, ``rng.loader``, uint8; under several processes
+    also every rank's own, ``rng.cpu.<rank>`` and ``rng.loader.<rank>``, from :func:`gather_rng_states`
+    passed as ``rank_rng``); its metadata entry
     ``checkpoint`` is a JSON document with the rest (epoch, history, seconds, scheduler state,
     optimizer param_groups and non-tensor state) and the key of every tensor.
     """
@@ -229,6 +254,9 @@ def save_checkpoint(path: Path, epoch: int, history: list[dict[str, Any]], total
         rng["cuda"] = [put(f"rng.cuda.{i}", s) for i, s in enumerate(torch.cuda.get_rng_state_all())]
     if loader_rng is not None:
         rng["loader"] = put("rng.loader", loader_rng.get_state())
+    if rank_rng is not None:
+        rng["cpu_ranks"] = [put(f"rng.cpu.{r}", t) for r, t in enumerate(rank_rng["cpu"])]
+        rng["loader_ranks"] = [put(f"rng.loader.{r}", t) for r, t in enumerate(rank_rng["loader"])]
     doc = {
         "format": CHECKPOINT_FORMAT,
         "epoch": int(epoch), "history": _plain(history), "total_seconds": float(total_seconds),
@@ -243,9 +271,18 @@ def save_checkpoint(path: Path, epoch: int, history: list[dict[str, Any]], total
 
 
 def restore_checkpoint(path: Path, model: torch.nn.Module, source: torch.nn.Module, optimizer, scheduler,
-                       loader_rng: torch.Generator | None = None) -> tuple[int, list[dict[str, Any]], float]:
-    """Load a checkpoint into the training objects; returns (finished epoch, history, seconds so far)."""
+                       loader_rng: torch.Generator | None = None,
+                       rank: int = 0) -> tuple[int, list[dict[str, Any]], float]:
+    """Load a checkpoint into the training objects; returns (finished epoch, history, seconds so far).
+
+    ``rank`` takes this process's own CPU and loader RNG states when the checkpoint holds every
+    rank's (``rng.cpu.<rank>``, ``rng.loader.<rank>``), rank 0's single ones otherwise.
+    """
     state = load_checkpoint(path)
+    if rank < len(state.get("rng_ranks") or []):
+        state["rng"] = state["rng_ranks"][rank]
+    if rank < len(state.get("loader_rng_ranks") or []):
+        state["loader_rng"] = state["loader_rng_ranks"][rank]
     try:
         model.load_state_dict(state["model"])
         source.load_checkpoint_state(state["source"])
@@ -311,6 +348,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             "rng": tensor(rng["cpu"]),
             "cuda_rng": [tensor(k) for k in cuda] if cuda is not None else None,
             "loader_rng": tensor(rng["loader"]) if rng.get("loader") is not None else None,
+            "rng_ranks": [tensor(k) for k in rng.get("cpu_ranks") or []],
+            "loader_rng_ranks": [tensor(k) for k in rng.get("loader_ranks") or []],
         }
     except KDError:
         raise

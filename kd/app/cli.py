@@ -5,6 +5,8 @@ import argparse
 import json
 import sys
 
+import torch
+
 import teachers
 from benchmarks.cost import PRESETS, bench_rows, markdown, run_bench
 from benchmarks.loader import loader_ratio
@@ -276,3 +278,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("kd: interrupted", file=sys.stderr)
         return 130
+    finally:  # under torchrun: leave the process group cleanly, or a worker can abort at exit
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
