@@ -348,7 +348,19 @@ def _nonfinite_message(epoch: int, bad: list[str], cfg: TrainConfig, kept: int |
     if kept is None:
         return msg + f" and start a new run; {run_dir} holds no finished epoch and no weights were written"
     return msg + (f"; no weights or summary were written and the checkpoint of epoch {kept} in {run_dir} is kept "
-                  "(--resume continues from it with the run's own settings)")
+                  "(--resume --lr LOWER continues from it)")
+
+
+def rescale_learning_rate(training: Training, lr: float) -> None:
+    """After a restore: make ``lr`` the peak learning rate (`--resume --lr`), keeping the schedule's position."""
+    base = training.scheduler.base_lrs[0]
+    if base == lr:
+        return
+    scale = lr / base
+    training.scheduler.base_lrs = [b * scale for b in training.scheduler.base_lrs]
+    for g in training.optimizer.param_groups:
+        g["initial_lr"] = g.get("initial_lr", base) * scale
+        g["lr"] = g["lr"] * scale
 
 
 def fit(model: nn.Module, source: TargetSource, train_data, test_data, cfg: TrainConfig, *,
@@ -398,6 +410,7 @@ def fit(model: nn.Module, source: TargetSource, train_data, test_data, cfg: Trai
                                                                training.scheduler, loader_rng,
                                                                rank=accelerator.process_index)
         first_epoch = done + 1
+        rescale_learning_rate(training, cfg.lr)
         if main and log is not None:
             log(f"resuming after epoch {done} from {ckpt_path}")
     for epoch in range(first_epoch, cfg.epochs + 1):

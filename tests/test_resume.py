@@ -52,3 +52,20 @@ def test_resume_through_the_cli_and_its_refusals(tmp_path, capsys):
     assert "holds no config.yaml" in capsys.readouterr().err
     assert main(["distill", "--resume", "--teacher", "onehot", "--out", str(out)]) == 2
     assert "give only --out" in capsys.readouterr().err
+
+
+def test_resume_with_a_lower_lr_continues_from_the_checkpoint_at_that_rate(tmp_path):
+    import yaml
+
+    cfg = TrainConfig(method="lspp", epochs=3, batch_size=64, device="cpu")
+    straight = train_teacher_job(cfg, tmp_path / "straight", progress=False, log=None)
+    with pytest.raises(Killed):
+        train_teacher_job(cfg, tmp_path / "killed", progress=False, log=kill_after(1))
+    assert main(["train-teacher", "--resume", "--lr", "0.01", "--out", str(tmp_path / "killed"), "--quiet"]) == 0
+    assert yaml.safe_load((tmp_path / "killed" / "config.yaml").read_text())["lr"] == 0.01
+    s = json.loads((tmp_path / "killed" / "summary.json").read_text())
+    assert s["epochs"] == 3 and s["test_acc"] != straight.summary["test_acc"] or s["test_nll"] != straight.summary["test_nll"]
+    a, b = load_file(str(tmp_path / "straight" / "model.safetensors")), load_file(str(tmp_path / "killed" / "model.safetensors"))
+    assert not all(torch.equal(a[k], b[k]) for k in a)  # epochs 2-3 ran at the lower rate
+    code = main(["train-teacher", "--resume", "--epochs", "9", "--out", str(tmp_path / "straight")])
+    assert code == 2

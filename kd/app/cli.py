@@ -86,9 +86,12 @@ def config_from_args(args: argparse.Namespace, skip: tuple[str, ...] = ()) -> Tr
 def _train(args, student: bool) -> int:
     """`kd train-teacher` and `kd distill`: resolve the config, run the job, print the final metrics."""
     if args.resume:
-        if getattr(args, "config", None) or any(k in TrainConfig.__dataclass_fields__ for k in vars(args)):
-            raise KDError("--resume continues a run with its own config.yaml; give only --out (and --quiet)")
+        if getattr(args, "config", None) or any(k in TrainConfig.__dataclass_fields__ and k != "lr" for k in vars(args)):
+            raise KDError("--resume continues a run with its own config.yaml; give only --out (and --lr to lower "
+                          "the learning rate, --quiet)")
         cfg = TrainConfig.from_dict(resumable_config(args.out), where=f"{args.out}/config.yaml").validate()
+        if "lr" in vars(args):  # e.g. after a diverged epoch: continue from the last good checkpoint, slower
+            cfg = cfg.updated({"lr": args.lr}).validate()
     else:
         cfg = config_from_args(args)
     job = distill_job if student else train_teacher_job

@@ -52,7 +52,11 @@ def _open_run(out: str | Path, resume: bool) -> None:
 
 
 def _start_or_continue(out: str | Path, resolved: TrainConfig, resume: bool) -> Path:
-    return Path(out) if resume else runs.start_run(out, resolved.to_dict())
+    if not resume:
+        return runs.start_run(out, resolved.to_dict())
+    if runs.launch_rank() == 0:  # `--resume --lr` changes the run's settings: its config.yaml says so
+        runs.write_config(Path(out), resolved.to_dict())
+    return Path(out)
 
 
 def train_teacher_job(cfg: TrainConfig, out: str | Path, progress: bool = True, log=print,
