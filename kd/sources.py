@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from kd.errors import KDError
@@ -166,6 +167,13 @@ class TableSource(TargetSource):
         if labels.is_floating_point():  # soft labels m: B x K
             return labels.to(self.table.dtype) @ self.table
         return self.table.index_select(0, labels)  # 2.1 vs 3.0 us for table[labels] (benchmarks.micro, B=128, K=10)
+
+
+def label_matrix(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """B x K float32 labels: onehot(y) for integer labels, the soft labels m themselves (mixup, cutmix)."""
+    if labels.is_floating_point():
+        return labels.float()
+    return F.one_hot(labels, num_classes).float()
 
 
 def one_hot_table(num_classes: int) -> torch.Tensor:

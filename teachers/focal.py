@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from kd.errors import KDError
-from kd.sources import SourceContext, TargetSource
+from kd.sources import SourceContext, TargetSource, label_matrix
 
 _TINY = torch.finfo(torch.float32).tiny
 
@@ -52,9 +52,7 @@ class FocalLoss(TargetSource):
 
     def targets(self, labels, *, inputs=None, index=None):
         """onehot(y) (or m): focal loss reweights the CE against the labels, it has no other target."""
-        if labels.is_floating_point():
-            return labels.float()
-        return F.one_hot(labels, self.num_classes).float()
+        return label_matrix(labels, self.num_classes)
 
     def _gamma(self, log_p: torch.Tensor) -> float | torch.Tensor:
         return self.gamma

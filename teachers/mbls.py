@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from kd.errors import KDError
 from kd.losses import soft_cross_entropy
-from kd.sources import SourceContext, TargetSource
+from kd.sources import SourceContext, TargetSource, label_matrix
 
 
 class MarginLabelSmoothing(TargetSource):
@@ -43,9 +43,7 @@ class MarginLabelSmoothing(TargetSource):
 
     def targets(self, labels, *, inputs=None, index=None):
         """onehot(y) (or m): the CE's target; the margin term has no target distribution."""
-        if labels.is_floating_point():
-            return labels.float()
-        return F.one_hot(labels, self.num_classes).float()
+        return label_matrix(labels, self.num_classes)
 
     def loss_terms(self, logits, labels, *, inputs=None, index=None):
         z = logits.float()

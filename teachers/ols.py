@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from kd.errors import KDError
-from kd.sources import SourceContext, TargetSource
+from kd.sources import SourceContext, TargetSource, label_matrix
 
 
 class OnlineLabelSmoothing(TargetSource):
@@ -70,7 +70,7 @@ class OnlineLabelSmoothing(TargetSource):
     def targets(self, labels, *, inputs=None, index=None):
         """0.5 onehot(y) + 0.5 S[y] (0.5 m + 0.5 m @ S for soft labels): the loss is CE against it."""
         with torch.no_grad():
-            hard = labels.float() if labels.is_floating_point() else F.one_hot(labels, self.num_classes).float()
+            hard = label_matrix(labels, self.num_classes)
             return 0.5 * hard + 0.5 * self._soft_table(labels)
 
     def loss_terms(self, logits, labels, *, inputs=None, index=None):

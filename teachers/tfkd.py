@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from kd.errors import KDError
 from kd.losses import soft_cross_entropy
-from kd.sources import SourceContext, TargetSource
+from kd.sources import SourceContext, TargetSource, label_matrix
 from teachers.network import NetworkTeacher, load_checked_teacher
 
 #: p^d: the virtual teacher's probability on the true class (the official ``correct_prob``).
@@ -39,13 +39,6 @@ def _label_ce(z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     if labels.is_floating_point():
         return soft_cross_entropy(z, labels)
     return F.cross_entropy(z, labels)
-
-
-def _label_matrix(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """B x K float32 label matrix: onehot(y) for integer labels, m itself for soft labels."""
-    if labels.is_floating_point():
-        return labels.float()
-    return F.one_hot(labels, num_classes).float()
 
 
 class TfKDRegularization(TargetSource):
@@ -84,7 +77,7 @@ class TfKDRegularization(TargetSource):
         """q = softmax(p^d / T), B x K, from integer labels or soft labels m (see the class docstring)."""
         k = self.num_classes
         other = (1.0 - CORRECT_PROB) / (k - 1)
-        m = _label_matrix(labels, k)
+        m = label_matrix(labels, k)
         p_d = CORRECT_PROB * m + other * (1.0 - m)
         return F.softmax(p_d / self.temperature, dim=1)
 
@@ -95,7 +88,7 @@ class TfKDRegularization(TargetSource):
         distribution its gradient pulls p towards.
         """
         with torch.no_grad():
-            y = _label_matrix(labels, self.num_classes)
+            y = label_matrix(labels, self.num_classes)
             w = self.kl_weight
             return ((1.0 - self.alpha) * y + w * self.virtual_teacher(labels)) / (1.0 - self.alpha + w)
 
@@ -166,7 +159,7 @@ class TfKDSelf(NetworkTeacher):
         nominal weights. The KD part acts at temperature T, so no single target gives the loss exactly."""
         if inputs is None:
             raise ValueError("a tfkd-self teacher needs the batch inputs")
-        y = _label_matrix(labels, self.num_classes)
+        y = label_matrix(labels, self.num_classes)
         soft = F.softmax(self.teacher_logits(inputs) / self.temperature, dim=1)
         return (1.0 - self.alpha) * y + self.alpha * soft
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from kd.errors import KDError
 from kd.losses import soft_cross_entropy
-from kd.sources import SourceContext, TargetSource
+from kd.sources import SourceContext, TargetSource, label_matrix
 
 
 def zipf_ranks(logits: torch.Tensor) -> torch.Tensor:
@@ -71,9 +71,7 @@ class ZipfLabelSmoothing(TargetSource):
         The KL pulls the non-target softmax towards P; :meth:`zipf_targets` gives that target
         for a batch of logits.
         """
-        if labels.is_floating_point():
-            return labels.float()
-        return F.one_hot(labels, self.num_classes).float()
+        return label_matrix(labels, self.num_classes)
 
     def zipf_targets(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """(y + alpha P) / (1 + alpha), P zero on the target: the mixture the CE and KL terms pull towards."""
