@@ -23,3 +23,15 @@ def kd_main(capsys):
         return code, out.out, out.err
 
     return run
+
+
+class Killed(Exception):
+    """Stands for a kill between epochs in the resume tests."""
+
+
+def kill_after(n):
+    """A ``log`` callback that raises :class:`Killed` once epoch ``n`` is logged (its checkpoint is on disk)."""
+    def log(line):
+        if line.startswith(f"epoch {n:3d}"):
+            raise Killed
+    return log

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from conftest import ROOT
+from conftest import ROOT, Killed, kill_after
 from kd import runs
 from kd.app.jobs import train_teacher_job
 from kd.config import TrainConfig
@@ -233,17 +233,6 @@ def test_cli_trains_a_teacher_with_both_terms_logged(tmp_path, kd_main):
     assert float(rows[0]["loss_ols"]) == 0.0  # S is zero in epoch 1
     # afterwards S has rows summing to 1, so the term is at least 0.5 * entropy > 0
     assert all(float(r["loss_ols"]) > 0.1 for r in rows[1:])
-
-
-class Killed(Exception):
-    pass
-
-
-def kill_after(n):
-    def log(line):
-        if line.startswith(f"epoch {n:3d}"):
-            raise Killed
-    return log
 
 
 def test_resumed_ols_run_equals_the_uninterrupted_one(tmp_path):

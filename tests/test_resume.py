@@ -9,16 +9,7 @@ from kd.app.cli import main
 from kd.config import TrainConfig
 from kd.app.jobs import train_teacher_job
 
-
-class Killed(Exception):
-    pass
-
-
-def kill_after(n):
-    def log(line):
-        if line.startswith(f"epoch {n:3d}"):
-            raise Killed
-    return log
+from conftest import Killed, kill_after
 
 
 def test_resumed_lspp_run_equals_the_uninterrupted_one(tmp_path):
