@@ -158,13 +158,14 @@ def run_bench(preset: str, device: str = "cpu", batch_size: int | None = None, s
               sources: tuple[str, ...] | None = None, data: str | None = None, data_root: str | None = None,
               log=print) -> pd.DataFrame:
     """Time a training step of the preset's student for each source; one row per source."""
-    sources = tuple(sources or bench_rows())
+    rows = bench_rows()
+    sources = tuple(sources or rows)
     if preset not in PRESETS:
         raise KDError(f"unknown preset '{preset}'; choose one of {', '.join(PRESETS)}")
     p = PRESETS[preset]
-    unknown = [s for s in sources if s not in bench_rows()]
+    unknown = [s for s in sources if s not in rows]
     if unknown:
-        raise KDError(f"unknown source '{unknown[0]}'; choose from {', '.join(bench_rows())}")
+        raise KDError(f"unknown source '{unknown[0]}'; choose from {', '.join(rows)}")
     if device == "cuda" and not torch.cuda.is_available():
         raise KDError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
     if repeats < 1 or (steps is not None and steps < 1 and data is None) or warmup < 0:
@@ -191,7 +192,8 @@ def run_bench(preset: str, device: str = "cpu", batch_size: int | None = None, s
     torch.manual_seed(0)
     student0 = create_model(p.student, p.num_classes, p.channels, p.size)
     teacher = None
-    if any(_row_table()[s][0].needs_inputs for s in sources if s != "bare"):  # network, tfkd-self, ...
+    table = _row_table()
+    if any(table[s][0].needs_inputs for s in sources if s != "bare"):  # network, tfkd-self, ...
         teacher = create_model(p.teacher, p.num_classes, p.channels, p.size).to(dev).eval()
         if channels_last:
             teacher.to(memory_format=torch.channels_last)
