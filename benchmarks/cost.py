@@ -23,7 +23,7 @@ from torch import nn
 
 import teachers
 from kd.config import TrainConfig
-from kd.data import load_dataset
+from kd.data import ImageTensors, dataset_info, load_dataset
 from kd.engine import make_accelerator, make_loader, prepare_training
 from kd.errors import KDError
 from kd.models import create_model
@@ -88,30 +88,52 @@ def make_source(row: str, k: int, teacher: nn.Module | None, n_cached: int) -> T
 class _Runner:
     """One row: a student, its optimiser and a step function over a batch stream."""
 
-    def __init__(self, name: str, step: Callable, batches):
-        self.name, self.step, self.batches = name, step, batches
+    def __init__(self, name: str, step: Callable, batches, compiled: bool = False):
+        self.name, self.step, self.batches, self.compiled = name, step, batches, compiled
         self.times: list[float] = []
+        self.compile_s = float("nan")
 
 
-def _bare_runner(student: nn.Module, cfg, device, amp_dtype, batches) -> _Runner:
+def _bare_runner(student: nn.Module, cfg, device, amp_dtype, batches, compiled: bool = False,
+                 backend: str = "inductor") -> _Runner:
     model = student.to(device)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
                           weight_decay=cfg.weight_decay)
+    fwd = torch.compile(model, backend=backend) if compiled else model
 
     def step(x, y, idx):
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(x)
+            logits = fwd(x)
         loss = F.cross_entropy(logits.float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
-    return _Runner("bare", step, batches)
+    return _Runner("bare" + COMPILED_SUFFIX * compiled, step, batches, compiled)
 
 
-def _framework_runner(name, student, source, cfg, batches) -> _Runner:
+COMPILED_SUFFIX = "+compile"
+
+
+def compile_training(training, backend: str = "inductor") -> None:
+    """``torch.compile`` the trained network and, for sources that run a network on the inputs
+    (``network``, ``tfkd-self``), that network too; the optimiser step and the source's own
+    table lookups stay eager. Compilation happens lazily, on the first step; later rows of the
+    same architecture reuse the compiled graph, so the first compiled row bears most of the cost."""
+    training.model = torch.compile(training.model, backend=backend)
+    source = training.source
+    if source.needs_inputs:
+        for name, child in list(source.named_children()):
+            if any(True for _ in child.parameters()):
+                setattr(source, name, torch.compile(child, backend=backend))
+
+
+def _framework_runner(name, student, source, cfg, batches, compiled: bool = False,
+                      backend: str = "inductor") -> _Runner:
     training = prepare_training(make_accelerator(cfg), student, source, cfg, steps_per_epoch=10**6)
-    return _Runner(name, training.step, batches)
+    if compiled:
+        compile_training(training, backend)
+    return _Runner(name + COMPILED_SUFFIX * compiled, training.step, batches, compiled)
 
 
 def synthetic_batches(preset: Preset, batch: int, device, channels_last: bool, n_cached: int, count: int = 4):
@@ -126,6 +148,18 @@ def synthetic_batches(preset: Preset, batch: int, device, channels_last: bool, n
         idx = torch.randint(0, n_cached, (batch,), generator=g).to(device)
         out.append((x, y, idx))
     return out
+
+
+def synthetic_split(preset: Preset, num_samples: int):
+    """Random uint8 images of the preset's shape, described as the preset's data set (its mean, std,
+    crop padding and flips), so an epoch over them goes through the same loader and batch
+    augmentation as the real in-memory data set would."""
+    g = torch.Generator().manual_seed(2)
+    images = torch.randint(0, 256, (num_samples, preset.channels, preset.size, preset.size), generator=g,
+                           dtype=torch.uint8)
+    labels = torch.randint(0, preset.num_classes, (num_samples,), generator=g)
+    info = dataset_info(preset.dataset)
+    return ImageTensors(images, labels), info
 
 
 class _Cycle:
@@ -148,20 +182,50 @@ class _Cycle:
             self.i += 1
             self.it = iter(self.loader)
             x, y, idx = next(self.it)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x, y, idx
+        return self._layout(x), y, idx
+
+    def _layout(self, x):
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.ndim == 4 else x
+
+    def epoch(self, epoch: int):
+        """One whole pass of the loader (a fresh iterator), batches in the layout the step expects."""
+        self.loader.set_epoch(epoch)
+        for x, y, idx in self.loader:
+            yield self._layout(x), y, idx
+
+
+def _warm_up(r: _Runner, warmup: int, dev) -> None:
+    """Untimed steps. A compiled row's first step compiles: its wall time is reported as ``compile_s``."""
+    for i in range(max(warmup, 2) if r.compiled else warmup):
+        _sync(dev)
+        t0 = time.perf_counter()
+        r.step(*r.batches.next())
+        _sync(dev)
+        if r.compiled and i == 0:
+            r.compile_s = time.perf_counter() - t0
 
 
 def run_bench(preset: str, device: str = "cpu", batch_size: int | None = None, steps: int | None = None,
               repeats: int = 5, warmup: int = 3, amp: str = "none", channels_last: bool = False,
               sources: tuple[str, ...] | None = None, data: str | None = None, data_root: str | None = None,
-              log=print) -> pd.DataFrame:
-    """Time a training step of the preset's student for each source; one row per source."""
+              log=print, mode: str = "step", compile: bool = False, epoch_size: int | None = None,
+              compile_backend: str = "inductor") -> pd.DataFrame:
+    """Time the preset's student for each source; one row per source (and per compiled variant).
+
+    ``mode="step"``: ``steps`` steps per repeat on batches already on the device (or drawn from
+    ``data``'s loader). ``mode="epoch"``: each repeat is one whole epoch through the real loader
+    (batch slicing and augmentation included) of ``data``, or, without ``data``, of
+    ``epoch_size`` synthetic uint8 images of the preset's shape. ``compile=True`` adds a
+    ``SOURCE+compile`` row per source (see :func:`compile_training`); its first warm-up step,
+    which compiles, is timed apart as ``compile_s`` and never inside the timed repeats
+    (``compile_backend``: torch.compile's backend; the tests use ``aot_eager``, which needs no C++ compiler).
+    """
     rows = bench_rows()
     sources = tuple(sources or rows)
     if preset not in PRESETS:
         raise KDError(f"unknown preset '{preset}'; choose one of {', '.join(PRESETS)}")
+    if mode not in ("step", "epoch"):
+        raise KDError(f"unknown --mode '{mode}'; choose step or epoch")
     p = PRESETS[preset]
     unknown = [s for s in sources if s not in rows]
     if unknown:
@@ -170,8 +234,12 @@ def run_bench(preset: str, device: str = "cpu", batch_size: int | None = None, s
         raise KDError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
     if repeats < 1 or (steps is not None and steps < 1 and data is None) or warmup < 0:
         raise KDError("--repeats and --steps must be at least 1, --warmup at least 0")
+    if mode == "epoch" and steps is not None:
+        raise KDError("--mode epoch times whole epochs; set their length with --epoch-size (synthetic) instead of --steps")
     dev = torch.device(device)
     batch = batch_size or (p.batch_cuda if dev.type == "cuda" else p.batch_cpu)
+    if mode == "epoch" and data is None and epoch_size is not None and epoch_size < batch:
+        raise KDError(f"--epoch-size {epoch_size} is smaller than one batch ({batch}); give at least {batch} samples")
     amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
     cfg = TrainConfig(device=device, amp=amp, channels_last=channels_last, batch_size=batch, augment=True)
 
@@ -183,10 +251,13 @@ def run_bench(preset: str, device: str = "cpu", batch_size: int | None = None, s
         if (info.channels, info.image_size, info.num_classes) != (p.channels, p.size, p.num_classes):
             raise KDError(f"data set '{data}' does not match preset '{preset}' "
                           f"({info.channels}x{info.image_size}x{info.image_size}, K={info.num_classes})")
-        real = (split, info)
-        n_cached = len(split.train)
-        loader = make_loader(split.train, info, cfg, train=True, device=dev)
-        steps = steps or len(loader)
+        real = (split.train, info)
+    elif mode == "epoch":
+        real = synthetic_split(p, epoch_size or batch * (50 if dev.type == "cuda" else 8))
+    if real is not None:
+        n_cached = len(real[0])
+        loader = make_loader(real[0], real[1], cfg, train=True, device=dev)
+        steps = len(loader) if mode == "epoch" else (steps or len(loader))
     steps = steps or (20 if dev.type == "cuda" else 10)
 
     torch.manual_seed(0)
@@ -203,65 +274,104 @@ def run_bench(preset: str, device: str = "cpu", batch_size: int | None = None, s
     synthetic = None if real else synthetic_batches(p, batch, dev, channels_last, n_cached)
     runners = []
     for name in sources:
-        batches = _Cycle(synthetic) if real is None else _Cycle(
-            loader=make_loader(real[0].train, real[1], cfg, train=True, device=dev), channels_last=channels_last)
-        student = copy.deepcopy(student0)
-        if name == "bare":
-            runners.append(_bare_runner(student, cfg, dev, amp_dtype, batches))
-        else:
-            runners.append(_framework_runner(name, student, make_source(name, p.num_classes, teacher, n_cached), cfg,
-                                             batches))
+        for compiled in ((False, True) if compile else (False,)):
+            batches = _Cycle(synthetic) if real is None else _Cycle(
+                loader=make_loader(real[0], real[1], cfg, train=True, device=dev), channels_last=channels_last)
+            student = copy.deepcopy(student0)
+            if name == "bare":
+                runners.append(_bare_runner(student, cfg, dev, amp_dtype, batches, compiled, compile_backend))
+            else:
+                # a compiled teacher is its own copy, so the eager network row keeps an eager teacher
+                t = copy.deepcopy(teacher) if (compiled and teacher is not None) else teacher
+                runners.append(_framework_runner(name, student, make_source(name, p.num_classes, t, n_cached), cfg,
+                                                 batches, compiled, compile_backend))
 
-    for r in runners:  # warm-up: allocator, autotuning, lazy init
-        for _ in range(warmup):
-            r.step(*r.batches.next())
+    for r in runners:  # warm-up: allocator, autotuning, lazy init, compilation
+        _warm_up(r, warmup, dev)
+        if log and r.compiled:
+            log(f"{r.name}: first step (compilation) {r.compile_s:.1f}s")
     _sync(dev)
     for rep in range(repeats):
         order = runners[rep % len(runners):] + runners[: rep % len(runners)]
         for r in order:
             _sync(dev)
             t0 = time.perf_counter()
-            for _ in range(steps):
-                r.step(*r.batches.next())
+            if mode == "epoch":
+                n = 0
+                for b in r.batches.epoch(1000 + rep):
+                    r.step(*b)
+                    n += 1
+                assert n == steps, (n, steps)
+            else:
+                for _ in range(steps):
+                    r.step(*r.batches.next())
             _sync(dev)
             r.times.append((time.perf_counter() - t0) / steps * 1000.0)
         if log:
             log(f"repeat {rep + 1}/{repeats} done")
 
     med = {r.name: statistics.median(r.times) for r in runners}
-    base = med.get("onehot")
-    base_times = next((r.times for r in runners if r.name == "onehot"), None)
+    by_name = {r.name: r for r in runners}
     rows = []
     for r in runners:
-        # The same ratio taken within each repeat (adjacent in time), then the median: drift
-        # between repeats cancels, so it is steadier than the ratio of medians on a busy machine.
-        paired = statistics.median(a / b for a, b in zip(r.times, base_times)) if base_times else float("nan")
-        rows.append({
+        # Ratios to 1-hot with the same compilation; the same ratio is also taken within each
+        # repeat (adjacent in time), then the median: drift between repeats cancels, so it is
+        # steadier than the ratio of medians on a busy machine.
+        base = by_name.get("onehot" + COMPILED_SUFFIX * r.compiled)
+        paired = statistics.median(a / b for a, b in zip(r.times, base.times)) if base else float("nan")
+        row = {
             "source": r.name, "step_ms_median": med[r.name], "step_ms_min": min(r.times), "step_ms_max": max(r.times),
             "images_per_s": batch / med[r.name] * 1000.0,
-            "ratio_vs_onehot": med[r.name] / base if base else float("nan"),
+            "ratio_vs_onehot": med[r.name] / med[base.name] if base else float("nan"),
             "paired_ratio_vs_onehot": paired,
             "preset": p.name, "teacher": p.teacher, "student": p.student,
             "input_shape": f"{p.channels}x{p.size}x{p.size}", "num_classes": p.num_classes,
             "batch_size": batch, "amp": amp, "channels_last": channels_last, "steps": steps, "repeats": repeats,
             "data": data or "synthetic", "device": device_name(dev), "torch": torch.__version__,
-        })
+        }
+        if mode == "epoch":
+            row.update(mode="epoch", epoch_s_median=med[r.name] * steps / 1000.0, epoch_samples=steps * batch)
+        if compile:
+            eager = by_name[r.name.removesuffix(COMPILED_SUFFIX)]
+            row.update(compiled=r.compiled, compile_s=r.compile_s,
+                       paired_speedup_vs_eager=statistics.median(a / b for a, b in zip(eager.times, r.times)))
+        rows.append(row)
     return pd.DataFrame(rows)
 
 
 def markdown(df) -> str:
-    """The table a person reads: medians, spread, throughput and the ratio to 1-hot."""
-    lines = ["| source | step ms (median) | min | max | images/s | vs onehot (medians) | vs onehot (paired) |",
-             "|---|---|---|---|---|---|---|"]
+    """The table a person reads: medians, spread, throughput and the ratio to 1-hot.
+
+    Epoch-mode rows add seconds per epoch; compiled rows add the compilation time (the first
+    step's wall time, outside the timed repeats) and the speed-up over the same row eager.
+    """
+    epoch = "epoch_s_median" in df.columns
+    compiled = "compile_s" in df.columns
+    head = "| source | step ms (median) | min | max | images/s | vs onehot (medians) | vs onehot (paired) |"
+    if epoch:
+        head += " s / epoch (median) |"
+    if compiled:
+        head += " compile s | speed-up vs eager (paired) |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in df.itertuples():
-        lines.append(f"| {r.source} | {r.step_ms_median:.2f} | {r.step_ms_min:.2f} | {r.step_ms_max:.2f} | "
-                     f"{r.images_per_s:.0f} | {r.ratio_vs_onehot:.3f} | {r.paired_ratio_vs_onehot:.3f} |")
+        line = (f"| {r.source} | {r.step_ms_median:.2f} | {r.step_ms_min:.2f} | {r.step_ms_max:.2f} | "
+                f"{r.images_per_s:.0f} | {r.ratio_vs_onehot:.3f} | {r.paired_ratio_vs_onehot:.3f} |")
+        if epoch:
+            line += f" {r.epoch_s_median:.2f} |"
+        if compiled:
+            line += (f" {r.compile_s:.1f} | {r.paired_speedup_vs_eager:.2f} |" if r.compiled else " - | - |")
+        lines.append(line)
     first = df.iloc[0]
     lines.append("")
+    what = (f"one epoch of {first.epoch_samples} samples ({first.steps} steps) through the real loader x "
+            f"{first.repeats} repeats" if epoch else f"{first.steps} steps x {first.repeats} repeats")
     lines.append(f"{first.preset}: {first.teacher} -> {first.student}, input {first.input_shape}, K={first.num_classes}, "
                  f"batch {first.batch_size}, amp {first.amp}, channels_last {first.channels_last}, data {first.data}, "
-                 f"{first.steps} steps x {first.repeats} repeats; {first.device}; torch {first.torch}")
+                 f"{what}; {first.device}; torch {first.torch}")
     med = dict(zip(df.source, df.step_ms_median))
-    if "network" in med and "proxy" in med:
-        lines.append(f"network / proxy step time: {med['network'] / med['proxy']:.2f}x")
+    unit = "epoch" if epoch else "step"
+    for suffix in ("", COMPILED_SUFFIX):
+        if "network" + suffix in med and "proxy" + suffix in med:
+            lines.append(f"network{suffix} / proxy{suffix} {unit} time: "
+                         f"{med['network' + suffix] / med['proxy' + suffix]:.2f}x")
     return "\n".join(lines)

@@ -5,6 +5,9 @@ import sys
 
 import pandas as pd
 import pytest
+import torch
+
+from kd.errors import KDError
 
 from benchmarks.cost import bench_rows, markdown, run_bench
 from conftest import ROOT
@@ -65,3 +68,60 @@ def test_loader_ratio_times_real_and_in_memory_epochs_of_the_same_steps():
     assert r["steps_per_epoch"] == 1347 // 64
     assert r["real_epoch_s_median"] > 0 and r["memory_epoch_s_median"] > 0
     assert r["ratio"] == pytest.approx(r["real_epoch_s_median"] / r["memory_epoch_s_median"])
+
+
+def test_epoch_mode_times_whole_epochs_through_the_loader():
+    df = run_bench("digits", mode="epoch", epoch_size=200, batch_size=32, repeats=2, warmup=0,
+                   sources=("onehot", "proxy", "network"), log=None)
+    # 200 synthetic samples, batch 32, last partial batch dropped: 6 steps per epoch
+    assert (df["steps"] == 6).all() and (df["epoch_samples"] == 192).all() and (df["mode"] == "epoch").all()
+    for r in df.itertuples():
+        assert r.epoch_s_median == pytest.approx(r.step_ms_median * 6 / 1000)
+    text = markdown(df)
+    assert "s / epoch" in text and "network / proxy epoch time" in text and "192 samples (6 steps)" in text
+    with pytest.raises(KDError, match="--epoch-size"):
+        run_bench("digits", mode="epoch", steps=3, log=None)
+    with pytest.raises(KDError, match="smaller than one batch"):
+        run_bench("digits", mode="epoch", epoch_size=10, batch_size=32, log=None)
+
+
+def test_epoch_mode_on_real_data_runs_the_loaders_epoch():
+    df = run_bench("digits", mode="epoch", batch_size=256, repeats=1, warmup=1, sources=("onehot",),
+                   data="digits", log=None)
+    assert df["steps"].tolist() == [1347 // 256] and df["data"].tolist() == ["digits"]
+
+
+def test_compiled_rows_sit_beside_eager_ones_and_compile_outside_the_timing():
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    df = run_bench("digits", steps=1, repeats=2, warmup=0, batch_size=16, sources=("onehot", "network"),
+                   compile=True, compile_backend="aot_eager", log=None)
+    assert df["source"].tolist() == ["onehot", "onehot+compile", "network", "network+compile"]
+    assert df["compiled"].tolist() == [False, True, False, True]
+    first = df.set_index("source")
+    assert first.loc["onehot+compile", "compile_s"] > 0 and pd.isna(first.loc["onehot", "compile_s"])
+    # compiled rows take their ratio against compiled 1-hot
+    assert first.loc["onehot+compile", "ratio_vs_onehot"] == pytest.approx(1.0)
+    text = markdown(df)
+    assert "| network+compile |" in text and "network+compile / proxy" not in text
+    assert "compile s" in text
+
+
+def test_compiled_training_compiles_student_and_teacher_network():
+    from benchmarks.cost import compile_training, make_source
+    from kd.config import TrainConfig
+    from kd.engine import make_accelerator, prepare_training
+    from kd.models import create_model
+
+    cfg = TrainConfig(device="cpu", batch_size=8)
+    teacher = create_model("lenet", 10, 1, 8)
+    src = make_source("network", 10, teacher, 100)
+    tr = prepare_training(make_accelerator(cfg), create_model("lenet", 10, 1, 8), src, cfg, steps_per_epoch=10)
+    compile_training(tr, backend="aot_eager")
+    assert type(tr.model).__name__ == "OptimizedModule" and type(tr.source.teacher).__name__ == "OptimizedModule"
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    before = [p.detach().clone() for p in tr.model.parameters()]
+    tr.step(x, y, torch.arange(8))
+    assert any(not torch.equal(a, b) for a, b in zip(before, tr.model.parameters()))
+    assert all(not p.requires_grad or p.grad is None for p in tr.source.teacher.parameters())

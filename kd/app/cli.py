@@ -130,7 +130,9 @@ def _cmd_bench(args) -> int:
     out = check_new_file(args.out) if args.out else None
     sources = tuple(s.strip() for s in args.sources.split(",") if s.strip())
     df = run_bench(args.preset, args.device, args.batch_size, args.steps, args.repeats, args.warmup, args.amp,
-                   args.channels_last, sources, args.data, args.data_root, log=None if args.quiet else print)
+                   args.channels_last, sources, args.data, args.data_root, log=None if args.quiet else print,
+                   mode=args.mode, compile=args.compile, epoch_size=args.epoch_size,
+                   compile_backend=args.compile_backend)
     print(markdown(df))
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -233,6 +235,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--sources", default=",".join(rows), help="comma-separated subset of " + ",".join(rows))
+    p.add_argument("--mode", choices=["step", "epoch"], default="step",
+                   help="step: STEPS steps per repeat on batches in memory; epoch: one whole epoch per repeat through "
+                   "the real loader (of --data, or of --epoch-size synthetic images of the preset's shape)")
+    p.add_argument("--epoch-size", type=int, default=None, metavar="N",
+                   help="--mode epoch without --data: synthetic samples per epoch (default 8 batches on CPU, 50 on CUDA)")
+    p.add_argument("--compile", action="store_true",
+                   help="add a SOURCE+compile row per source (torch.compile of the student, and of the teacher network "
+                   "where there is one); compilation is timed apart, never inside the timed steps")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend for --compile (default inductor)")
     p.add_argument("--data", default=None, metavar="DATASET", help="draw batches from this real data set's loader instead of synthetic tensors")
     p.add_argument("--data-root", default=None)
     p.add_argument("--out", default=None, metavar="FILE.csv", help="also write the rows as CSV (new file)")
