@@ -1,8 +1,18 @@
 #!/usr/bin/env bash
-# Every cost preset on one GPU (bf16 autocast, channels_last), one CSV per preset with the GPU's
-# name in the file name. Runs from the source tree without installing anything:
-#   bash benchmarks/gpu.sh                      # on a CUDA machine
-#   DEVICE=cpu AMP=none STEPS=1 REPEATS=1 WARMUP=0 BATCH=2 OUTDIR=/tmp/x bash benchmarks/gpu.sh   # logic check on CPU
+# The cost tables on one GPU (bf16 autocast, channels_last), one CSV per part with the GPU's name in
+# the file name. Runs from the source tree without installing anything:
+#   bash benchmarks/gpu.sh                                  # every part, on a CUDA machine
+#   PARTS="epoch compile large-k" bash benchmarks/gpu.sh    # only some parts
+#   DEVICE=cpu AMP=none STEPS=1 REPEATS=1 WARMUP=0 BATCH=2 EPOCH_SIZE=4 COMPILE_BACKEND=aot_eager \
+#     CLASSES=50,300 WHOLE_RUN_PRESETS=digits OUTDIR=/tmp/x bash benchmarks/gpu.sh   # logic check on CPU
+# Parts (estimated on an H100 from the per-step times of the committed H200 tables):
+#   steps    every preset, every source, STEPS x REPEATS                       (~2.5 min)
+#   epoch    whole synthetic epochs through the real loader, ResNet101 -> ShuffleNet
+#            and LeNet, onehot/proxy/network/lspp                               (~0.5 min)
+#   compile  torch.compile rows beside eager ones, same two presets and sources
+#            (compilation itself is timed apart)                                (~3 min)
+#   large-k  K = 1,000 and 21,841 with a linear head: onehot, dense proxy,
+#            top-k proxy, top-k cache; LS++ at K = 1,000                         (~0.5 min)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEVICE=${DEVICE:-cuda}
@@ -11,6 +21,11 @@ STEPS=${STEPS:-20}
 REPEATS=${REPEATS:-10}
 WARMUP=${WARMUP:-5}
 BATCH=${BATCH:-}
+EPOCH_SIZE=${EPOCH_SIZE:-}
+COMPILE_BACKEND=${COMPILE_BACKEND:-inductor}
+CLASSES=${CLASSES:-}
+WHOLE_RUN_PRESETS=${WHOLE_RUN_PRESETS:-tinyimagenet-r101-shufflenet fmnist-lenet}  # the epoch and compile parts
+PARTS=${PARTS:-steps epoch compile large-k}
 OUTDIR=${OUTDIR:-benchmarks/results}
 PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -24,13 +39,37 @@ PY
 )
 mkdir -p "$OUTDIR"
 $PY -c "import torch; print('torch', torch.__version__, '| cuda', torch.version.cuda, '|', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')"
-for preset in tinyimagenet-r101-shufflenet cifar100-r34-r18 fmnist-lenet digits; do
-  out="$OUTDIR/cost_${preset}_${name}.csv"
-  [ -e "$out" ] && out="$OUTDIR/cost_${preset}_${name}_$(date -u +%Y%m%dT%H%M%S).csv"
-  echo "== $preset -> $out"
-  start=$(date +%s)
-  $PY -m kd bench --preset "$preset" --device "$DEVICE" --amp "$AMP" --channels-last \
-      --steps "$STEPS" --repeats "$REPEATS" --warmup "$WARMUP" ${BATCH:+--batch-size "$BATCH"} \
-      --out "$out" --quiet
+
+# bench TAG PRESET ARGS...: one CSV, never overwriting an earlier one
+bench() {
+  local tag=$1 preset=$2; shift 2
+  local out="$OUTDIR/cost_${preset}_${name}${tag}.csv"
+  [ -e "$out" ] && out="$OUTDIR/cost_${preset}_${name}${tag}_$(date -u +%Y%m%dT%H%M%S).csv"
+  echo "== $preset$tag -> $out"
+  local start=$(date +%s)
+  $PY -m kd bench --preset "$preset" --device "$DEVICE" --out "$out" --quiet "$@"
   echo "   $(( $(date +%s) - start ))s"
+}
+common=(--amp "$AMP" --warmup "$WARMUP" ${BATCH:+--batch-size "$BATCH"})
+image=(--channels-last)
+for part in $PARTS; do
+  case $part in
+    steps)
+      for preset in tinyimagenet-r101-shufflenet cifar100-r34-r18 fmnist-lenet digits; do
+        bench "" "$preset" "${common[@]}" "${image[@]}" --steps "$STEPS" --repeats "$REPEATS"
+      done ;;
+    epoch)
+      for preset in $WHOLE_RUN_PRESETS; do
+        bench _epoch "$preset" "${common[@]}" "${image[@]}" --mode epoch ${EPOCH_SIZE:+--epoch-size "$EPOCH_SIZE"} \
+          --repeats 3 --sources onehot,proxy,network,lspp
+      done ;;
+    compile)
+      for preset in $WHOLE_RUN_PRESETS; do
+        bench _compile "$preset" "${common[@]}" "${image[@]}" --compile --compile-backend "$COMPILE_BACKEND" \
+          --steps "$STEPS" --repeats "$REPEATS" --sources onehot,proxy,network,lspp
+      done ;;
+    large-k)
+      bench "" large-k "${common[@]}" --steps "$STEPS" --repeats "$REPEATS" ${CLASSES:+--classes "$CLASSES"} ;;
+    *) echo "unknown part '$part' (steps, epoch, compile, large-k)" >&2; exit 2 ;;
+  esac
 done

@@ -49,16 +49,27 @@ def test_cli_writes_the_same_rows_as_csv_and_refuses_to_overwrite(tmp_path, kd_m
     assert code == 2 and "unknown source 'teleport'" in err
 
 
-def test_gpu_script_logic_runs_every_preset_on_cpu(tmp_path):
+def test_gpu_script_logic_runs_every_part_on_cpu(tmp_path):
     env = {**os.environ, "DEVICE": "cpu", "AMP": "none", "STEPS": "1", "REPEATS": "1", "WARMUP": "0", "BATCH": "2",
-           "OUTDIR": str(tmp_path), "PYTHON": sys.executable}
+           "EPOCH_SIZE": "4", "COMPILE_BACKEND": "aot_eager", "CLASSES": "50,300", "WHOLE_RUN_PRESETS": "digits", "OUTDIR": str(tmp_path),
+           "PYTHON": sys.executable}
     r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh")], env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
     files = sorted(p.name for p in tmp_path.iterdir())
-    assert files == sorted(f"cost_{p}_cpu.csv" for p in
-                           ("tinyimagenet-r101-shufflenet", "cifar100-r34-r18", "fmnist-lenet", "digits"))
+    presets = ("tinyimagenet-r101-shufflenet", "cifar100-r34-r18", "fmnist-lenet", "digits")
+    expected = [f"cost_{p}_cpu.csv" for p in presets]
+    expected += ["cost_digits_cpu_epoch.csv", "cost_digits_cpu_compile.csv"]
+    expected += ["cost_large-k_cpu.csv", "cost_large-k_cpu_lspp.csv"]
+    assert files == sorted(expected)
     df = pd.read_csv(tmp_path / "cost_tinyimagenet-r101-shufflenet_cpu.csv")
     assert df["source"].tolist() == bench_rows() and (df["channels_last"]).all()
+    epoch = pd.read_csv(tmp_path / "cost_digits_cpu_epoch.csv")
+    assert epoch["source"].tolist() == ["onehot", "proxy", "network", "lspp"] and (epoch["steps"] == 2).all()
+    compiled = pd.read_csv(tmp_path / "cost_digits_cpu_compile.csv")
+    assert compiled["compiled"].tolist() == [False, True] * 4
+    large = pd.read_csv(tmp_path / "cost_large-k_cpu.csv")
+    assert sorted(set(large["num_classes"])) == [50, 300]
+    assert large.groupby("num_classes")["source"].apply(list).tolist() == [["onehot", "proxy", "proxy-topk", "cached-topk"]] * 2
 
 
 def test_loader_ratio_times_real_and_in_memory_epochs_of_the_same_steps():

@@ -115,19 +115,52 @@ def _cmd_distill(args) -> int:
 def _cmd_proxy_export(args) -> int:
     if args.alpha is not None and not 0 < args.alpha < 1:
         raise KDError(f"--alpha must lie in (0, 1), got {args.alpha}")
-    out = export_proxy_job(args.run_dir, args.out, args.source, args.alpha, args.data_root, args.device)
-    print(f"proxy teacher ({args.source}) -> {out}")
+    if args.top_k is not None and args.top_k < 1:
+        raise KDError(f"--top-k must be at least 1, got {args.top_k}")
+    out = export_proxy_job(args.run_dir, args.out, args.source, args.alpha, args.data_root, args.device, args.top_k)
+    print(f"proxy teacher ({args.source}{f', top {args.top_k}' if args.top_k else ''}) -> {out}")
     return 0
 
 
 def _cmd_teacher_cache(args) -> int:
-    out = cache_job(args.run_dir, args.dataset, args.out, args.data_root, args.device)
-    print(f"teacher outputs -> {out}")
+    if args.top_k is not None and args.top_k < 1:
+        raise KDError(f"--top-k must be at least 1, got {args.top_k}")
+    out = cache_job(args.run_dir, args.dataset, args.out, args.data_root, args.device, args.top_k)
+    print(f"teacher outputs{f' (top {args.top_k})' if args.top_k else ''} -> {out}")
+    return 0
+
+
+def _cmd_bench_large_k(args, out) -> int:
+    import benchmarks.large_k as lk
+
+    lspp_out = check_new_file(out.with_name(out.stem + "_lspp" + out.suffix)) if out else None
+    log = None if args.quiet else print
+    try:
+        ks = tuple(int(k) for k in args.classes.split(","))
+    except ValueError:
+        raise KDError(f"--classes takes comma-separated numbers of classes, e.g. 1000,21841; got '{args.classes}'") from None
+    if len(ks) != 2 or min(ks) < 2:
+        raise KDError(f"--classes takes two numbers of classes of at least 2 (the LS++ rows time the first and "
+                      f"price the second), got '{args.classes}'")
+    df = lk.run_large_k(args.device, ks, batch_size=args.batch_size, steps=args.steps, repeats=args.repeats,
+                        warmup=args.warmup, amp=args.amp, log=log)
+    # LS++ at K = 21,841 needs ~19 GB for C's state and loss temporaries: measured where the device has room
+    room = torch.cuda.get_device_properties(0).total_memory // 2 if args.device == "cuda" else 8 * 2 ** 30
+    ldf = lk.lspp_large_k(args.device, ks[0], ks[1], batch_size=args.batch_size, steps=args.steps, repeats=args.repeats,
+                          warmup=args.warmup, amp=args.amp, max_measure_bytes=room, log=log)
+    print(lk.markdown(df, ldf))
+    for frame, path in ((df, out), (ldf, lspp_out)):
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            frame.to_csv(path, index=False)
+            print(f"rows -> {path}")
     return 0
 
 
 def _cmd_bench(args) -> int:
     out = check_new_file(args.out) if args.out else None
+    if args.preset == "large-k":
+        return _cmd_bench_large_k(args, out)
     sources = tuple(s.strip() for s in args.sources.split(",") if s.strip())
     df = run_bench(args.preset, args.device, args.batch_size, args.steps, args.repeats, args.warmup, args.amp,
                    args.channels_last, sources, args.data, args.data_root, log=None if args.quiet else print,
@@ -206,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--alpha", type=float, default=None, help="alpha stored with the proxy (default: the run's, else 0.1)")
     e.add_argument("--data-root", default=None)
     e.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    e.add_argument("--top-k", type=int, default=None, metavar="K",
+                   help="keep the K largest entries of each row, renormalised to sum to 1, stored sparsely "
+                   "(1 <= K < number of classes; for a large number of classes)")
     e.set_defaults(func=_cmd_proxy_export)
 
     p = sub.add_parser("teacher", help="teacher utilities")
@@ -218,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="new .safetensors file")
     c.add_argument("--data-root", default=None)
     c.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    c.add_argument("--top-k", type=int, default=None, metavar="K",
+                   help="store each sample's K largest probabilities (float16) and their classes instead of "
+                   "all logits; targets spread the remaining mass uniformly (FKD). 1 <= K < number of classes")
     c.set_defaults(func=_cmd_teacher_cache)
 
     rows = bench_rows()
@@ -226,7 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "(bare PyTorch loop, then every registered source on stand-in artifacts: " + ", ".join(rows[1:])
                        + "), interleaved over repeats; "
                        "prints medians and ratios to onehot.")
-    p.add_argument("--preset", required=True, choices=list(PRESETS))
+    p.add_argument("--preset", required=True, choices=[*PRESETS, "large-k"],
+                   help="large-k: a linear head on 512 features at K = 1,000 and 21,841 with dense and top-k "
+                   "proxies and caches, then LS++'s step and memory at large K (a second CSV, FILE_lspp.csv)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--batch-size", type=int, default=None, help="default: the preset's for the device")
     p.add_argument("--steps", type=int, default=None, help="timed steps per repeat (default 10 on CPU, 20 on CUDA; with --data one epoch)")
@@ -235,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--sources", default=",".join(rows), help="comma-separated subset of " + ",".join(rows))
+    p.add_argument("--classes", default="1000,21841", metavar="K1,K2", help="--preset large-k: its two numbers of classes")
     p.add_argument("--mode", choices=["step", "epoch"], default="step",
                    help="step: STEPS steps per repeat on batches in memory; epoch: one whole epoch per repeat through "
                    "the real loader (of --data, or of --epoch-size synthetic images of the preset's shape)")

@@ -18,9 +18,9 @@ from kd.lock import run_lock
 from kd.models import create_model
 from students import distill
 from teachers import DEFAULT_ALPHA, make_source, teacher_from_spec
-from teachers.cached import save_cache
+from teachers.cached import save_cache, save_topk_cache
 from teachers.network import load_teacher_network
-from teachers.proxy import measure_c_matrix
+from teachers.proxy import check_top_k, measure_c_matrix, save_topk_c_matrix, top_k_rows
 
 
 def model_meta(cfg: TrainConfig, split: DataSplit, model_name: str) -> dict[str, Any]:
@@ -109,14 +109,17 @@ def _teacher_train_logits(run_dir: Path, dataset: str | None, data_root: str | N
 
 
 def export_proxy_job(run_dir: str | Path, out: str | Path, source: str = "auto", alpha: float | None = None,
-                     data_root: str | None = None, device: str = "auto") -> Path:
+                     data_root: str | None = None, device: str = "auto", top_k: int | None = None) -> Path:
     """`kd proxy export`: write a C-matrix artifact for any trained network run.
 
     ``source``: ``learned`` (an LS++ run's own C), ``measured`` (class means of the
     network's training-set softmax, diagonal removed, rows renormalised) or ``auto``
-    (learned where there is one).
+    (learned where there is one). ``top_k``: keep only the k largest entries of each row,
+    renormalised to sum to 1, stored sparsely (``teachers.proxy.save_topk_c_matrix``).
     """
     run_dir, out = Path(run_dir), runs.check_new_file(out)
+    if top_k is not None and top_k < 1:
+        raise KDError(f"--top-k must be at least 1, got {top_k}")
     meta = runs.read_summary(run_dir)
     has_learned = (run_dir / runs.C_MATRIX).is_file()
     if source == "auto":
@@ -132,17 +135,36 @@ def export_proxy_job(run_dir: str | Path, out: str | Path, source: str = "auto",
         c = measure_c_matrix(logits.softmax(-1), labels, split.info.num_classes)
         a = alpha if alpha is not None else (meta.get("alpha") or DEFAULT_ALPHA)
         names = split.info.class_names
+    extra = {"source": f"lspp-{source}" if source == "learned" else "measured",
+             "dataset": meta.get("dataset", ""), "teacher_run": str(run_dir)}
+    if top_k is not None:
+        values, indices = top_k_rows(c, check_top_k(top_k, c.shape[0]))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_topk_c_matrix(out, values, indices, a, names, extra)
+        return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    runs.save_c_matrix(out, c, a, names, {"source": f"lspp-{source}" if source == "learned" else "measured",
-                                          "dataset": meta.get("dataset", ""), "teacher_run": str(run_dir)})
+    runs.save_c_matrix(out, c, a, names, extra)
     return out
 
 
 def cache_job(run_dir: str | Path, dataset: str | None, out: str | Path, data_root: str | None = None,
-              device: str = "auto") -> Path:
-    """`kd teacher cache`: the teacher's logits for every training sample, in data set order."""
+              device: str = "auto", top_k: int | None = None) -> Path:
+    """`kd teacher cache`: the teacher's logits for every training sample, in data set order.
+
+    ``top_k``: store each sample's k largest probabilities and their classes instead
+    (FKD-style, ``teachers.cached.TopKCached``).
+    """
     out = runs.check_new_file(out)
+    if top_k is not None and top_k < 1:
+        raise KDError(f"--top-k must be at least 1, got {top_k}")
+    if top_k is not None and (Path(run_dir) / runs.SUMMARY).is_file():  # k < K, before a pass over the data
+        k_run = runs.read_summary(Path(run_dir)).get("num_classes")
+        if isinstance(k_run, int):
+            check_top_k(top_k, k_run)
     logits, _, meta, split = _teacher_train_logits(Path(run_dir), dataset, data_root, device)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_cache(out, logits, split.info.name, str(run_dir))
+    if top_k is not None:
+        save_topk_cache(out, logits, check_top_k(top_k, logits.shape[1]), split.info.name, str(run_dir))
+    else:
+        save_cache(out, logits, split.info.name, str(run_dir))
     return out
