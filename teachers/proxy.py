@@ -267,6 +267,13 @@ class TopKProxy(TargetSource):
         self.register_buffer("c_values", values.clone(), persistent=False)
         self.register_buffer("c_indices", indices.clone(), persistent=False)
         self._sparse_t: torch.Tensor | None = None  # C_k transposed, as a sparse K x K matrix (soft labels only)
+        # The loss's (k + 1) weights and columns per class, [1 - alpha, alpha * C_k[y]] at [y, cols of C_k[y]],
+        # made once: a batch then costs two row gathers instead of building them per step.
+        k_classes = values.shape[0]
+        self.register_buffer("loss_weights", torch.cat([torch.full((k_classes, 1), 1.0 - self.alpha),
+                                                        values * self.alpha], dim=1), persistent=False)
+        self.register_buffer("loss_cols", torch.cat([torch.arange(k_classes).view(-1, 1), indices], dim=1),
+                             persistent=False)
 
     def dense_c_matrix(self) -> torch.Tensor:
         """The dense K x K matrix C_k (for checks and small K only)."""
@@ -297,11 +304,8 @@ class TopKProxy(TargetSource):
     def loss_terms(self, logits, labels, *, inputs=None, index=None):
         if labels.is_floating_point():
             return super().loss_terms(logits, labels)
-        a = self.alpha
-        weights = torch.cat([self.c_values.new_full((labels.shape[0], 1), 1.0 - a),
-                             self.c_values.index_select(0, labels) * a], dim=1)
-        cols = torch.cat([labels.view(-1, 1), self.c_indices.index_select(0, labels)], dim=1)
-        return {"ce": sparse_soft_cross_entropy(logits, weights, cols)}
+        return {"ce": sparse_soft_cross_entropy(logits, self.loss_weights.index_select(0, labels),
+                                                self.loss_cols.index_select(0, labels))}
 
 
 def off_diagonal_normalised(m: torch.Tensor) -> torch.Tensor:
