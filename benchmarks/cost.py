@@ -3,13 +3,16 @@
 Every source trains its own copy of the same student (same initial weights, same batches,
 same optimiser) through the engine's real training step; ``bare`` is a hand-written PyTorch
 loop with no framework code, the floor. Warm-up steps are not timed; sources are interleaved
-round-robin over the repeats (the starting source rotates) so machine drift hits all alike;
+round-robin over the repeats (the starting source rotates, every other repeat in reverse) so
+machine drift hits all alike; garbage collection is frozen while timing;
 each repeat times ``steps`` steps between two host clock reads, with a device synchronise
 before each read on CUDA and no host sync inside the steps.
 """
 from __future__ import annotations
 
 import copy
+import gc
+import os
 import platform
 import statistics
 import time
@@ -205,6 +208,40 @@ def _warm_up(r: _Runner, warmup: int, dev) -> None:
             r.compile_s = time.perf_counter() - t0
 
 
+def _load_average() -> float:
+    """The machine's 1-minute load average (NaN where the OS does not say): a noisy run shows in the CSV."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return float("nan")
+
+
+def _timed_repeats(runners: list[_Runner], repeats: int, steps: int, mode: str, dev, log) -> None:
+    """Round-robin over the rows, ``repeats`` times. The starting row rotates and every other
+    repeat runs in reverse, so each row follows two different neighbours (cache and allocator
+    state left by the previous row differ by row)."""
+    for rep in range(repeats):
+        order = runners[rep % len(runners):] + runners[: rep % len(runners)]
+        if rep % 2:
+            order.reverse()
+        for r in order:
+            _sync(dev)
+            t0 = time.perf_counter()
+            if mode == "epoch":
+                n = 0
+                for b in r.batches.epoch(1000 + rep):
+                    r.step(*b)
+                    n += 1
+                assert n == steps, (n, steps)
+            else:
+                for _ in range(steps):
+                    r.step(*r.batches.next())
+            _sync(dev)
+            r.times.append((time.perf_counter() - t0) / steps * 1000.0)
+        if log:
+            log(f"repeat {rep + 1}/{repeats} done")
+
+
 def run_bench(preset: str, device: str = "cpu", batch_size: int | None = None, steps: int | None = None,
               repeats: int = 5, warmup: int = 3, amp: str = "none", channels_last: bool = False,
               sources: tuple[str, ...] | None = None, data: str | None = None, data_root: str | None = None,
@@ -291,26 +328,17 @@ def run_bench(preset: str, device: str = "cpu", batch_size: int | None = None, s
         if log and r.compiled:
             log(f"{r.name}: first step (compilation) {r.compile_s:.1f}s")
     _sync(dev)
-    for rep in range(repeats):
-        order = runners[rep % len(runners):] + runners[: rep % len(runners)]
-        for r in order:
-            _sync(dev)
-            t0 = time.perf_counter()
-            if mode == "epoch":
-                n = 0
-                for b in r.batches.epoch(1000 + rep):
-                    r.step(*b)
-                    n += 1
-                assert n == steps, (n, steps)
-            else:
-                for _ in range(steps):
-                    r.step(*r.batches.next())
-            _sync(dev)
-            r.times.append((time.perf_counter() - t0) / steps * 1000.0)
-        if log:
-            log(f"repeat {rep + 1}/{repeats} done")
+    load_start = _load_average()
+    gc.collect()
+    gc.freeze()  # a full collection walks every live object: keep it out of whichever step crosses the threshold
+    try:
+        _timed_repeats(runners, repeats, steps, mode, dev, log)
+    finally:
+        gc.unfreeze()
+    load_end = _load_average()
 
     med = {r.name: statistics.median(r.times) for r in runners}
+
     by_name = {r.name: r for r in runners}
     rows = []
     for r in runners:
@@ -328,6 +356,7 @@ def run_bench(preset: str, device: str = "cpu", batch_size: int | None = None, s
             "input_shape": f"{p.channels}x{p.size}x{p.size}", "num_classes": p.num_classes,
             "batch_size": batch, "amp": amp, "channels_last": channels_last, "steps": steps, "repeats": repeats,
             "data": data or "synthetic", "device": device_name(dev), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "load_avg_start": load_start, "load_avg_end": load_end,
         }
         if mode == "epoch":
             row.update(mode="epoch", epoch_s_median=med[r.name] * steps / 1000.0, epoch_samples=steps * batch)

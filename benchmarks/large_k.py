@@ -34,7 +34,6 @@ import gc
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -42,7 +41,7 @@ import torch
 from torch import nn
 
 import teachers
-from benchmarks.cost import _Cycle, _framework_runner, _sync, device_name
+from benchmarks.cost import _Cycle, _framework_runner, _sync, _timed_repeats, device_name
 from kd import runs
 from kd.config import TrainConfig
 from kd.errors import KDError
@@ -121,22 +120,18 @@ def _batches(batch: int, k: int, n_cached: int, device, count: int = 4):
 
 
 def _time(runners, steps: int, repeats: int, warmup: int, dev, log) -> None:
-    """cost.run_bench's schedule: warm-up untimed, then repeats interleaved with a rotating start."""
+    """cost.run_bench's schedule: warm-up untimed, then repeats interleaved (rotating start, every
+    other repeat reversed), garbage collection frozen while timing."""
     for r in runners:
         for _ in range(warmup):
             r.step(*r.batches.next())
     _sync(dev)
-    for rep in range(repeats):
-        order = runners[rep % len(runners):] + runners[: rep % len(runners)]
-        for r in order:
-            _sync(dev)
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                r.step(*r.batches.next())
-            _sync(dev)
-            r.times.append((time.perf_counter() - t0) / steps * 1000.0)
-        if log:
-            log(f"repeat {rep + 1}/{repeats} done")
+    gc.collect()
+    gc.freeze()
+    try:
+        _timed_repeats(runners, repeats, steps, "step", dev, log)
+    finally:
+        gc.unfreeze()
 
 
 def _timing_columns(r, base, batch: int) -> dict:
