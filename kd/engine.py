@@ -97,7 +97,7 @@ def make_loader(data, info: DatasetInfo | None, cfg: TrainConfig, *, train: bool
         if cfg.cutout and train:
             tf = CutoutTransform(tf, cfg.cutout)
         loader = TensorLoader(data.images, data.labels, cfg.batch_size, transform=tf, **common)
-        if cfg.aa and train:  # per-image RandAugment in loader workers, off the training thread
+        if cfg.aa and train:  # RandAugment (drawn per image, applied per batch) in loader workers
             if data.images.dtype != torch.uint8:
                 raise KDError("--aa (RandAugment) needs uint8 images; this data set holds other values")
             magnitude, num_ops = parse_rand_augment(cfg.aa)
