@@ -3,22 +3,25 @@
 # the file name. Runs from the source tree without installing anything:
 #   bash benchmarks/gpu.sh                                  # every part, on a CUDA machine
 #   PARTS="epoch compile large-k" bash benchmarks/gpu.sh    # only some parts
-#   DEVICE=cpu AMP=none STEPS=1 REPEATS=1 WARMUP=0 BATCH=2 EPOCH_SIZE=4 COMPILE_BACKEND=aot_eager \
+#   DEVICE=cpu AMP=none STEPS=1 REPEATS=1 SHORT_STEPS=1 SHORT_REPEATS=1 WARMUP=0 BATCH=2 EPOCH_SIZE=4 COMPILE_BACKEND=aot_eager \
 #     CLASSES=50,300 WHOLE_RUN_PRESETS=digits OUTDIR=/tmp/x bash benchmarks/gpu.sh   # logic check on CPU
-# Parts (estimated on an H100 from the per-step times of the committed H200 tables):
-#   steps    every preset, every source, STEPS x REPEATS                       (~2.5 min)
+# Parts, with the wall time each took on one H200 (benchmarks/results/gpu_h200_*log.txt); about
+# 6 minutes in all there, so an H100 (slower memory) should stay under 8:
+#   steps    every preset, every source, STEPS x REPEATS                        (150 s)
 #   epoch    whole synthetic epochs through the real loader, ResNet101 -> ShuffleNet
-#            and LeNet, onehot/proxy/network/lspp                               (~0.5 min)
-#   compile  torch.compile rows beside eager ones, same two presets and sources
-#            (compilation itself is timed apart)                                (~3 min)
+#            and LeNet, onehot/proxy/network/lspp                                (61 s)
+#   compile  torch.compile rows beside eager ones, same presets and sources,
+#            SHORT_STEPS x SHORT_REPEATS (compilation itself, ~80 s, timed apart) (143 s)
 #   large-k  K = 1,000 and 21,841 with a linear head: onehot, dense proxy,
-#            top-k proxy, top-k cache; LS++ at K = 1,000                         (~0.5 min)
+#            top-k proxy, top-k cache; LS++ at both K, SHORT_STEPS x SHORT_REPEATS (24 s)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEVICE=${DEVICE:-cuda}
 AMP=${AMP:-bf16}
 STEPS=${STEPS:-20}
 REPEATS=${REPEATS:-10}
+SHORT_STEPS=${SHORT_STEPS:-10}   # the compile and large-k parts: fewer timed steps
+SHORT_REPEATS=${SHORT_REPEATS:-5}
 WARMUP=${WARMUP:-5}
 BATCH=${BATCH:-}
 EPOCH_SIZE=${EPOCH_SIZE:-}
@@ -66,10 +69,10 @@ for part in $PARTS; do
     compile)
       for preset in $WHOLE_RUN_PRESETS; do
         bench _compile "$preset" "${common[@]}" "${image[@]}" --compile --compile-backend "$COMPILE_BACKEND" \
-          --steps "$STEPS" --repeats "$REPEATS" --sources onehot,proxy,network,lspp
+          --steps "$SHORT_STEPS" --repeats "$SHORT_REPEATS" --sources onehot,proxy,network,lspp
       done ;;
     large-k)
-      bench "" large-k "${common[@]}" --steps "$STEPS" --repeats "$REPEATS" ${CLASSES:+--classes "$CLASSES"} ;;
+      bench "" large-k "${common[@]}" --steps "$SHORT_STEPS" --repeats "$SHORT_REPEATS" ${CLASSES:+--classes "$CLASSES"} ;;
     *) echo "unknown part '$part' (steps, epoch, compile, large-k)" >&2; exit 2 ;;
   esac
 done

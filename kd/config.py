@@ -46,7 +46,7 @@ class TrainConfig:
     mixup: float = 0.0            # Mixup Beta parameter (0: off)
     cutmix: float = 0.0           # CutMix Beta parameter (0: off); with mixup: switch per batch, p = 0.5
     cutout: int = 0               # Cutout square size in pixels (0: off)
-    aa: str | None = None         # RandAugment, "rand-mM-nN" (per image, in loader workers)
+    aa: str | None = None         # RandAugment, "rand-mM-nN" (drawn per image, applied per batch, in loader workers)
     seed: int = 0
     device: str = "auto"          # auto | cpu | cuda
     amp: str = "none"             # none | bf16 | fp16

@@ -50,7 +50,7 @@ def test_cli_writes_the_same_rows_as_csv_and_refuses_to_overwrite(tmp_path, kd_m
 
 
 def test_gpu_script_logic_runs_every_part_on_cpu(tmp_path):
-    env = {**os.environ, "DEVICE": "cpu", "AMP": "none", "STEPS": "1", "REPEATS": "1", "WARMUP": "0", "BATCH": "2",
+    env = {**os.environ, "DEVICE": "cpu", "AMP": "none", "STEPS": "1", "REPEATS": "1", "WARMUP": "0", "BATCH": "2", "SHORT_STEPS": "1", "SHORT_REPEATS": "1",
            "EPOCH_SIZE": "4", "COMPILE_BACKEND": "aot_eager", "CLASSES": "50,300", "WHOLE_RUN_PRESETS": "digits", "OUTDIR": str(tmp_path),
            "PYTHON": sys.executable}
     r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh")], env=env, capture_output=True, text=True, timeout=900)
@@ -136,3 +136,21 @@ def test_compiled_training_compiles_student_and_teacher_network():
     tr.step(x, y, torch.arange(8))
     assert any(not torch.equal(a, b) for a, b in zip(before, tr.model.parameters()))
     assert all(not p.requires_grad or p.grad is None for p in tr.source.teacher.parameters())
+
+
+def test_step_profile_counts_operators_and_times_phases(tmp_path):
+    import json
+
+    from benchmarks.step_profile import PHASES, main
+
+    out = tmp_path / "p.json"
+    assert main(["--preset", "digits", "--sources", "onehot,lspp", "--rounds", "3", "--out", str(out)]) == 0
+    d = json.loads(out.read_text())
+    ops = d["operators_per_step"]
+    assert ops["lspp"] > ops["onehot"] > 0
+    diff = d["operator_count_diff_lspp_minus_onehot"]
+    assert diff["aten::cross_entropy_loss"] == -1 and diff["_LSPPTerms"] == 1
+    phases = d["phases_us"]
+    assert set(PHASES) <= set(phases["onehot"]) and "paired_diff_us" in phases["lspp"]
+    assert phases["onehot"]["step"] > 0
+    assert main(["--preset", "digits", "--sources", "onehot,network"]) == 2  # a teacher network: refused

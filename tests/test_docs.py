@@ -42,8 +42,16 @@ def test_benchmarks_readme_mentions_only_committed_csvs():
     assert not missing, missing
 
 
-@pytest.mark.parametrize("path", [p for p in _result_csvs() if p.split("/")[-1].startswith("cost_")])
+@pytest.mark.parametrize("path", [p for p in _result_csvs()
+                                  if p.split("/")[-1].startswith("cost_") and not p.endswith("_lspp.csv")])
 def test_benchmarks_readme_cost_tables_are_the_committed_csvs(path):
+    from benchmarks import large_k
     from benchmarks.cost import markdown
 
-    assert markdown(pd.read_csv(ROOT / path)) in BENCH_README.read_text()
+    df = pd.read_csv(ROOT / path)
+    if path.split("/")[-1].startswith("cost_large-k"):  # with its LS++ table, FILE_lspp.csv, where there is one
+        lspp = ROOT / path.replace(".csv", "_lspp.csv")
+        table = large_k.markdown(df, pd.read_csv(lspp) if lspp.is_file() else None)
+    else:
+        table = markdown(df)
+    assert table in BENCH_README.read_text()
