@@ -193,6 +193,15 @@ def _cmd_sweep(args) -> int:
     return 0
 
 
+def _cmd_report(args) -> int:
+    from kd.app.report import make_report  # matplotlib and scikit-learn load only for this verb
+
+    index = make_report(args.inputs, args.out, bench=args.bench, cache=args.cache, device=args.device,
+                        data_root=args.data_root, tsne_points=args.tsne_points, log=None if args.quiet else print)
+    print(f"report -> {index}")
+    return 0
+
+
 def _cmd_demo(args) -> int:
     run_demo(out=args.out, teacher_epochs=args.teacher_epochs, student_epochs=args.student_epochs, device=args.device)
     return 0
@@ -313,6 +322,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_sweep)
+
+    p = sub.add_parser("report", help="figures (PNG), their numbers (CSV) and an index.md for runs",
+                       description="Figures for finished runs and C-matrix files: C-matrix heatmaps (paper Fig. 3), "
+                       "class-wise training-set output probabilities (Fig. 4), t-SNE and class-centre distances of "
+                       "penultimate test features (Fig. 5), reliability diagrams with ECE, learning curves, cost charts "
+                       "from `kd bench` CSVs and, with lspp-ce / lspp-sce runs, the loss-ablation C-matrices (Fig. 6). "
+                       "Runs are compared side by side on one colour scale. The network runs once per run over the "
+                       "training and test sets; its outputs are cached in --cache (default OUT/cache).")
+    p.add_argument("inputs", nargs="*", metavar="RUN_DIR", help="finished run directories or c_matrix .safetensors files")
+    p.add_argument("--out", required=True, help="new report directory (must not exist or be empty)")
+    p.add_argument("--bench", action="append", default=[], metavar="FILE.csv",
+                   help="a `kd bench --out` CSV to chart (repeatable)")
+    p.add_argument("--cache", default=None, metavar="DIR",
+                   help="model-output cache (default OUT/cache); give an earlier report's cache folder to reuse it")
+    p.add_argument("--tsne-points", type=int, default=2000, help="seeded test subset for the t-SNE (default 2000)")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("demo", help="the main job on the bundled digits data: an LS++ teacher and four students")
     p.add_argument("--out", default=None, help="keep the run directories here (default: a temporary directory)")

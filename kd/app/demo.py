@@ -17,6 +17,7 @@ clearer C than a ResNet18 with the same recipe and keeps the whole job well unde
 """
 from __future__ import annotations
 
+import shlex
 import tempfile
 from pathlib import Path
 
@@ -120,6 +121,15 @@ def print_cost_table(device: str = "auto", steps: int = 3, repeats: int = 5) -> 
     print(markdown(df))
 
 
+def report_hint(run_dirs: list[Path], kept: bool) -> str:
+    """The `kd report` command for the demo's runs (C-matrix, class-wise outputs, t-SNE, reliability, curves)."""
+    what = "\nfigures of these runs (C-matrix, class-wise outputs, t-SNE, reliability, learning curves): "
+    if not kept:
+        return (what + "run `kd demo --out DIR` to keep the runs, then `kd report "
+                + " ".join(f"DIR/{d.name}" for d in run_dirs) + " --out REPORT_DIR`")
+    return what + "kd report " + " ".join(shlex.quote(str(d)) for d in run_dirs) + " --out REPORT_DIR"
+
+
 def run_demo(out: str | None = None, teacher_epochs: int = 15, student_epochs: int = 30, device: str = "auto") -> list[dict]:
     tmp = None
     if out is None:
@@ -130,6 +140,7 @@ def run_demo(out: str | None = None, teacher_epochs: int = 15, student_epochs: i
     rows = []
     try:
         teacher_dir = base / "teacher-lspp"
+        run_dirs = [teacher_dir]
         recipe = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in TEACHER_RECIPE.items())
         print(f"training an LS++ {TEACHER_MODEL} teacher on {DATASET} ({teacher_epochs} epochs, {recipe}) ...")
         t = train_teacher_job(TrainConfig(method="lspp", dataset=DATASET, model=TEACHER_MODEL, epochs=teacher_epochs,
@@ -143,12 +154,14 @@ def run_demo(out: str | None = None, teacher_epochs: int = 15, student_epochs: i
             s = distill_job(cfg, base / f"student-{kind}", progress=False, log=None)
             label = {"network": "LS++ network (online KD)", "proxy": "PT-LS++ (C-matrix)"}.get(kind, kind)
             rows.append(_row(f"student {STUDENT_MODEL} <- {label}", s.summary))
+            run_dirs.append(base / f"student-{kind}")
         print()
         print(markdown_table(rows, RESULT_COLS))
         print_c_table(teacher_dir, t.model, device)
         print_cost_table(device)
         if out is not None:
             print(f"\nrun directories: {base}")
+        print(report_hint(run_dirs, kept=out is not None))
     finally:
         if tmp is not None:
             tmp.cleanup()
