@@ -150,13 +150,18 @@ def load_c_matrix(path: str | Path) -> tuple[torch.Tensor, dict[str, Any]]:
         raise KDError(f"{path}: c_matrix must be K x K, got shape {tuple(c.shape)}")
     if not torch.isfinite(c).all() or (c < 0).any() or not torch.allclose(c.sum(1), torch.ones(len(c)), atol=1e-3):
         raise KDError(f"{path}: c_matrix rows must be probability vectors (non-negative, summing to 1)")
+    return c, c_matrix_metadata(path, raw)
+
+
+def c_matrix_metadata(path, raw: dict[str, str]) -> dict[str, Any]:
+    """A C-matrix file's metadata with ``alpha`` (float or None) and ``class_names`` (list or None) parsed."""
     meta: dict[str, Any] = dict(raw)
     try:
         meta["alpha"] = float(raw["alpha"]) if "alpha" in raw else None
         meta["class_names"] = json.loads(raw["class_names"]) if "class_names" in raw else None
     except (ValueError, json.JSONDecodeError):
         raise KDError(f"{path}: unreadable metadata (alpha, class_names)") from None
-    return c, meta
+    return meta
 
 
 def _plain(value: Any) -> Any:

@@ -171,12 +171,7 @@ def load_topk_c_matrix(path: str | Path) -> tuple[torch.Tensor, torch.Tensor, di
     if not torch.isfinite(values).all() or (values < 0).any() \
             or not torch.allclose(values.sum(1), torch.ones(k_classes), atol=1e-3):
         raise KDError(f"{path}: c_values rows must be probability vectors (non-negative, summing to 1); {redo}")
-    meta: dict[str, Any] = dict(raw)
-    try:
-        meta["alpha"] = float(raw["alpha"]) if "alpha" in raw else None
-        meta["class_names"] = json.loads(raw["class_names"]) if "class_names" in raw else None
-    except (ValueError, json.JSONDecodeError):
-        raise KDError(f"{path}: unreadable metadata (alpha, class_names)") from None
+    meta = runs.c_matrix_metadata(path, raw)
     meta["top_k"], meta["num_classes"] = top_k, k_classes
     return values, indices, meta
 
