@@ -133,10 +133,17 @@ def _cmd_teacher_cache(args) -> int:
 def _cmd_bench_large_k(args, out) -> int:
     import benchmarks.large_k as lk
 
+    unsupported = [flag for flag, on in (("--mode epoch", args.mode == "epoch"), ("--compile", args.compile),
+                                         ("--data", args.data is not None), ("--channels-last", args.channels_last),
+                                         ("--sources", args.sources != ",".join(bench_rows())))
+                   if on]
+    if unsupported:
+        raise KDError(f"--preset large-k times its own rows (onehot, proxy, proxy-topk, cached-topk; then LS++) "
+                      f"on synthetic features; drop {', '.join(unsupported)}")
     lspp_out = check_new_file(out.with_name(out.stem + "_lspp" + out.suffix)) if out else None
     log = None if args.quiet else print
     try:
-        ks = tuple(int(k) for k in args.classes.split(","))
+        ks = tuple(int(k) for k in (args.classes or "1000,21841").split(","))
     except ValueError:
         raise KDError(f"--classes takes comma-separated numbers of classes, e.g. 1000,21841; got '{args.classes}'") from None
     if len(ks) != 2 or min(ks) < 2:
@@ -161,6 +168,8 @@ def _cmd_bench(args) -> int:
     out = check_new_file(args.out) if args.out else None
     if args.preset == "large-k":
         return _cmd_bench_large_k(args, out)
+    if args.classes is not None:
+        raise KDError("--classes applies to --preset large-k only; the other presets have their data set's K")
     sources = tuple(s.strip() for s in args.sources.split(",") if s.strip())
     df = run_bench(args.preset, args.device, args.batch_size, args.steps, args.repeats, args.warmup, args.amp,
                    args.channels_last, sources, args.data, args.data_root, log=None if args.quiet else print,
@@ -285,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--sources", default=",".join(rows), help="comma-separated subset of " + ",".join(rows))
-    p.add_argument("--classes", default="1000,21841", metavar="K1,K2", help="--preset large-k: its two numbers of classes")
+    p.add_argument("--classes", default=None, metavar="K1,K2",
+                   help="--preset large-k: its two numbers of classes (default 1000,21841)")
     p.add_argument("--mode", choices=["step", "epoch"], default="step",
                    help="step: STEPS steps per repeat on batches in memory; epoch: one whole epoch per repeat through "
                    "the real loader (of --data, or of --epoch-size synthetic images of the preset's shape)")
