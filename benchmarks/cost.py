@@ -219,7 +219,31 @@ def _load_average() -> float:
 def _timed_repeats(runners: list[_Runner], repeats: int, steps: int, mode: str, dev, log) -> None:
     """Round-robin over the rows, ``repeats`` times. The starting row rotates and every other
     repeat runs in reverse, so each row follows two different neighbours (cache and allocator
-    state left by the previous row differ by row)."""
+    state left by the previous row differ by row). Garbage collection is frozen meanwhile: a full
+    collection walks every live object and would land in whichever step crosses the threshold."""
+    gc.collect()
+    gc.freeze()
+    try:
+        _round_robin(runners, repeats, steps, mode, dev, log)
+    finally:
+        gc.unfreeze()
+
+
+def timing_columns(r: _Runner, base: _Runner | None, batch: int) -> dict:
+    """A row's timing columns: median, min, max, throughput, and two ratios to ``base`` (1-hot):
+    of the medians, and the median of the ratios taken within each repeat (adjacent in time, so
+    drift between repeats cancels: steadier than the ratio of medians on a busy machine)."""
+    med = statistics.median(r.times)
+    nan = float("nan")
+    return {
+        "source": r.name, "step_ms_median": med, "step_ms_min": min(r.times), "step_ms_max": max(r.times),
+        "images_per_s": batch / med * 1000.0,
+        "ratio_vs_onehot": med / statistics.median(base.times) if base else nan,
+        "paired_ratio_vs_onehot": statistics.median(a / b for a, b in zip(r.times, base.times)) if base else nan,
+    }
+
+
+def _round_robin(runners: list[_Runner], repeats: int, steps: int, mode: str, dev, log) -> None:
     for rep in range(repeats):
         order = runners[rep % len(runners):] + runners[: rep % len(runners)]
         if rep % 2:
@@ -329,29 +353,15 @@ def run_bench(preset: str, device: str = "cpu", batch_size: int | None = None, s
             log(f"{r.name}: first step (compilation) {r.compile_s:.1f}s")
     _sync(dev)
     load_start = _load_average()
-    gc.collect()
-    gc.freeze()  # a full collection walks every live object: keep it out of whichever step crosses the threshold
-    try:
-        _timed_repeats(runners, repeats, steps, mode, dev, log)
-    finally:
-        gc.unfreeze()
+    _timed_repeats(runners, repeats, steps, mode, dev, log)
     load_end = _load_average()
-
-    med = {r.name: statistics.median(r.times) for r in runners}
 
     by_name = {r.name: r for r in runners}
     rows = []
     for r in runners:
-        # Ratios to 1-hot with the same compilation; the same ratio is also taken within each
-        # repeat (adjacent in time), then the median: drift between repeats cancels, so it is
-        # steadier than the ratio of medians on a busy machine.
-        base = by_name.get("onehot" + COMPILED_SUFFIX * r.compiled)
-        paired = statistics.median(a / b for a, b in zip(r.times, base.times)) if base else float("nan")
         row = {
-            "source": r.name, "step_ms_median": med[r.name], "step_ms_min": min(r.times), "step_ms_max": max(r.times),
-            "images_per_s": batch / med[r.name] * 1000.0,
-            "ratio_vs_onehot": med[r.name] / med[base.name] if base else float("nan"),
-            "paired_ratio_vs_onehot": paired,
+            # ratios to 1-hot with the same compilation
+            **timing_columns(r, by_name.get("onehot" + COMPILED_SUFFIX * r.compiled), batch),
             "preset": p.name, "teacher": p.teacher, "student": p.student,
             "input_shape": f"{p.channels}x{p.size}x{p.size}", "num_classes": p.num_classes,
             "batch_size": batch, "amp": amp, "channels_last": channels_last, "steps": steps, "repeats": repeats,
@@ -359,7 +369,7 @@ def run_bench(preset: str, device: str = "cpu", batch_size: int | None = None, s
             "threads": torch.get_num_threads(), "load_avg_start": load_start, "load_avg_end": load_end,
         }
         if mode == "epoch":
-            row.update(mode="epoch", epoch_s_median=med[r.name] * steps / 1000.0, epoch_samples=steps * batch)
+            row.update(mode="epoch", epoch_s_median=row["step_ms_median"] * steps / 1000.0, epoch_samples=steps * batch)
         if compile:
             eager = by_name[r.name.removesuffix(COMPILED_SUFFIX)]
             row.update(compiled=r.compiled, compile_s=r.compile_s,

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -41,7 +40,7 @@ import torch
 from torch import nn
 
 import teachers
-from benchmarks.cost import _Cycle, _framework_runner, _sync, _timed_repeats, device_name
+from benchmarks.cost import _Cycle, _framework_runner, _sync, _timed_repeats, device_name, timing_columns
 from kd import runs
 from kd.config import TrainConfig
 from kd.errors import KDError
@@ -120,30 +119,12 @@ def _batches(batch: int, k: int, n_cached: int, device, count: int = 4):
 
 
 def _time(runners, steps: int, repeats: int, warmup: int, dev, log) -> None:
-    """cost.run_bench's schedule: warm-up untimed, then repeats interleaved (rotating start, every
-    other repeat reversed), garbage collection frozen while timing."""
+    """cost.run_bench's schedule: warm-up untimed, then :func:`benchmarks.cost._timed_repeats`."""
     for r in runners:
         for _ in range(warmup):
             r.step(*r.batches.next())
     _sync(dev)
-    gc.collect()
-    gc.freeze()
-    try:
-        _timed_repeats(runners, repeats, steps, "step", dev, log)
-    finally:
-        gc.unfreeze()
-
-
-def _timing_columns(r, base, batch: int) -> dict:
-    """The timing columns of cost.run_bench's rows; ratios against ``base`` (1-hot of the same K)."""
-    med = statistics.median(r.times)
-    base_med = statistics.median(base.times) if base else float("nan")
-    return {
-        "source": r.name, "step_ms_median": med, "step_ms_min": min(r.times), "step_ms_max": max(r.times),
-        "images_per_s": batch / med * 1000.0,
-        "ratio_vs_onehot": med / base_med if base else float("nan"),
-        "paired_ratio_vs_onehot": statistics.median(a / b for a, b in zip(r.times, base.times)) if base else float("nan"),
-    }
+    _timed_repeats(runners, repeats, steps, "step", dev, log)
 
 
 def _settings(device: str, batch_size, steps, repeats: int, warmup: int):
@@ -205,7 +186,7 @@ def run_large_k(device: str = "cpu", ks=DEFAULT_KS, batch_size: int | None = Non
         _time(runners, steps, repeats, warmup, dev, log)
         base = next(r for r in runners if r.name == "onehot")
         for r in runners:
-            rows.append({**_timing_columns(r, base, batch), **_common(k, batch, steps, repeats, dev, amp), **extra[r.name]})
+            rows.append({**timing_columns(r, base, batch), **_common(k, batch, steps, repeats, dev, amp), **extra[r.name]})
         del runners, batches, student0
         gc.collect()
         if dev.type == "cuda":
@@ -284,7 +265,7 @@ def lspp_large_k(device: str = "cpu", k: int = 1000, big_k: int = 21841, batch_s
         for r in runners:
             state = _measured_state_bytes(trainings[r.name])
             kk_tmp = analytic["step_kk_temporary_bytes"] if r.name == "lspp" else 0
-            rows.append({**_timing_columns(r, base, batch), **common, **state, "step_kk_temporary_bytes": kk_tmp,
+            rows.append({**timing_columns(r, base, batch), **common, **state, "step_kk_temporary_bytes": kk_tmp,
                          "peak_step_bytes": peaks.get(r.name, float("nan")), "measured": True,
                          "optimizer": optimizer})
         del runners, trainings, batches, student0
