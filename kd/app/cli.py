@@ -130,6 +130,14 @@ def _cmd_teacher_cache(args) -> int:
     return 0
 
 
+def _write_rows(frame, path) -> None:
+    """A benchmark's rows as CSV at ``path`` (already checked to be new), when one was asked for."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        frame.to_csv(path, index=False)
+        print(f"rows -> {path}")
+
+
 def _cmd_bench_large_k(args, out) -> int:
     import benchmarks.large_k as lk
 
@@ -156,11 +164,8 @@ def _cmd_bench_large_k(args, out) -> int:
     ldf = lk.lspp_large_k(args.device, ks[0], ks[1], batch_size=args.batch_size, steps=args.steps, repeats=args.repeats,
                           warmup=args.warmup, amp=args.amp, max_measure_bytes=room, log=log)
     print(lk.markdown(df, ldf))
-    for frame, path in ((df, out), (ldf, lspp_out)):
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            frame.to_csv(path, index=False)
-            print(f"rows -> {path}")
+    _write_rows(df, out)
+    _write_rows(ldf, lspp_out)
     return 0
 
 
@@ -176,10 +181,7 @@ def _cmd_bench(args) -> int:
                    mode=args.mode, compile=args.compile, epoch_size=args.epoch_size,
                    compile_backend=args.compile_backend)
     print(markdown(df))
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        df.to_csv(out, index=False)
-        print(f"rows -> {out}")
+    _write_rows(df, out)
     return 0
 
 
