@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT
+from conftest import ROOT, Killed, kill_after
 from kd import runs
 from kd.app.jobs import train_teacher_job
 from kd.config import TrainConfig
@@ -104,15 +104,8 @@ def test_checkpoint_is_safetensors_and_json_not_pickle(tmp_path):
     out = tmp_path / "run"
     cfg = TrainConfig(method="ols", epochs=2, batch_size=64, device="cpu")
 
-    class Killed(Exception):
-        pass
-
-    def log(line):
-        if line.startswith("epoch   1"):
-            raise Killed
-
     with pytest.raises(Killed):
-        train_teacher_job(cfg, out, progress=False, log=log)
+        train_teacher_job(cfg, out, progress=False, log=kill_after(1))
     path = out / runs.CHECKPOINT
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
@@ -130,15 +123,8 @@ def _killed_run(tmp_path):
     out = tmp_path / "run"
     cfg = TrainConfig(method="lspp", epochs=2, batch_size=64, device="cpu")
 
-    class Killed(Exception):
-        pass
-
-    def log(line):
-        if line.startswith("epoch   1"):
-            raise Killed
-
     with pytest.raises(Killed):
-        train_teacher_job(cfg, out, progress=False, log=log)
+        train_teacher_job(cfg, out, progress=False, log=kill_after(1))
     return out
 
 
