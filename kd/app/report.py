@@ -203,13 +203,6 @@ def reliability_bins(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = N_
                          "accuracy": np.where(count > 0, (acc_sum / safe).numpy(), np.nan)})
 
 
-def class_mean_probs(probs: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
-    """K x K: row i is the mean softmax over the samples of true class i (zeros for an absent class)."""
-    sums = torch.zeros(k, k, dtype=torch.float64).index_add_(0, labels, probs.double())
-    counts = torch.bincount(labels, minlength=k).double().clamp(min=1)
-    return sums / counts[:, None]
-
-
 def centre_distances(features: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
     """L1-normalised cosine distance among class centres: D = 1 - cos(m_i, m_j), zero diagonal, D / sum(D)."""
     f = features.double()
