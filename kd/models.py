@@ -2,7 +2,7 @@
 
 Registered names (``lenet``, ``mlp``, ``resnet18`` ... ``resnet101``, ``shufflenetv2``,
 ``densenet121``) are small-input variants: a 3x3 stride-1 stem and no stem max-pool, as the
-paper used on 32x32 and 64x64 images. ``timm:NAME`` and ``torchvision:NAME`` take a library
+paper used on 32x32 and 64x64 images. ``resnet8`` and ``resnet20`` are He et al.'s CIFAR nets. ``timm:NAME`` and ``torchvision:NAME`` take a library
 model as it is; a bare name not registered here is looked up in timm, then torchvision.
 """
 from __future__ import annotations
@@ -16,13 +16,19 @@ from kd.errors import KDError
 
 
 class LeNet(nn.Module):
-    """LeNet-5: two 5x5 convolutions with max-pooling, then 120-84-K fully connected layers."""
+    """LeNet-5: two 5x5 convolutions with max-pooling, then 120-84-K fully connected layers.
+
+    On 32 x 32 inputs (and larger) the convolutions are unpadded, as in LeCun et al. 1998 and the
+    paper authors' code (16 x 5 x 5 features for 32 x 32); smaller inputs get a 2-pixel zero border
+    in the first convolution (28 x 28 then gives the same 16 x 5 x 5), 8 x 8 inputs in both.
+    """
 
     def __init__(self, in_channels: int, num_classes: int, image_size: int = 28):
         super().__init__()
+        pad1 = 2 if image_size < 32 else 0
         pad2 = 2 if image_size < 16 else 0  # keep 8x8 inputs from vanishing
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, 6, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(in_channels, 6, 5, padding=pad1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
             nn.Conv2d(6, 16, 5, padding=pad2), nn.ReLU(inplace=True), nn.MaxPool2d(2),
             nn.Flatten(),
         )
@@ -49,6 +55,59 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.net(x)
+
+
+class _CifarBlock(nn.Module):
+    """A basic residual block; a strided or widening shortcut is option A of He et al. 2016 (the
+    input subsampled by the stride, new channels zero): no parameters, as in their CIFAR nets."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.stride, self.extra = stride, c_out - c_in
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        short = x[:, :, ::self.stride, ::self.stride] if self.stride > 1 else x
+        if self.extra:
+            short = nn.functional.pad(short, (0, 0, 0, 0, 0, self.extra))
+        return torch.relu(out + short)
+
+
+class CifarResNet(nn.Module):
+    """He et al. 2016's CIFAR ResNet with 6n + 2 layers: a 3x3 convolution to 16 channels, three
+    stages of n basic blocks (16, 32, 64 channels; strides 1, 2, 2), global average pool, linear.
+    n = 1 is ResNet-8 (75k parameters on 1-channel input), n = 3 ResNet-20 (0.27M): teachers a CPU can train."""
+
+    def __init__(self, depth: int, in_channels: int, num_classes: int):
+        super().__init__()
+        if (depth - 2) % 6:
+            raise KDError(f"a CIFAR ResNet has 6n + 2 layers (8, 14, 20, 32, ...), not {depth}")
+        n = (depth - 2) // 6
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16),
+                                  nn.ReLU(inplace=True))
+        blocks, c = [], 16
+        for width, stride in ((16, 1), (32, 2), (64, 2)):
+            for i in range(n):
+                blocks.append(_CifarBlock(c, width, stride if i == 0 else 1))
+                c = width
+        self.blocks = nn.Sequential(*blocks)
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(64, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x):
+        return self.fc(self.pool(self.blocks(self.stem(x))))
+
+
+def _cifar_resnet(depth: int) -> Callable[..., nn.Module]:
+    return lambda in_channels, num_classes, image_size: CifarResNet(depth, in_channels, num_classes)
 
 
 def _small_stem_resnet(arch: str) -> Callable[..., nn.Module]:
@@ -94,6 +153,8 @@ def _mlp(in_channels, num_classes, image_size):
 MODELS: dict[str, Callable[[int, int, int], nn.Module]] = {
     "lenet": _lenet,
     "mlp": _mlp,
+    "resnet8": _cifar_resnet(8),
+    "resnet20": _cifar_resnet(20),
     "resnet18": _small_stem_resnet("resnet18"),
     "resnet34": _small_stem_resnet("resnet34"),
     "resnet50": _small_stem_resnet("resnet50"),
