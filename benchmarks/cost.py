@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import gc
 import os
-import platform
 import statistics
 import time
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from torch import nn
 import teachers
 from kd.config import TrainConfig
 from kd.data import ImageTensors, dataset_info, load_dataset
-from kd.engine import make_accelerator, make_loader, prepare_training
+from kd.engine import machine_name, make_accelerator, make_loader, prepare_training
 from kd.errors import KDError
 from kd.models import create_model
 from kd.sources import SourceContext, TargetSource
@@ -60,18 +59,6 @@ PRESETS = {p.name: p for p in (
     Preset("fmnist-lenet", 1, 28, 10, "resnet18", "lenet", "fashion-mnist", 128, 256),
     Preset("digits", 1, 8, 10, "resnet18", "lenet", "digits", 128, 128),
 )}
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
-    except OSError:
-        pass
-    return f"{platform.processor() or 'cpu'} ({torch.get_num_threads()} threads)"
 
 
 def _sync(device: torch.device) -> None:
@@ -365,7 +352,7 @@ def run_bench(preset: str, device: str = "cpu", batch_size: int | None = None, s
             "preset": p.name, "teacher": p.teacher, "student": p.student,
             "input_shape": f"{p.channels}x{p.size}x{p.size}", "num_classes": p.num_classes,
             "batch_size": batch, "amp": amp, "channels_last": channels_last, "steps": steps, "repeats": repeats,
-            "data": data or "synthetic", "device": device_name(dev), "torch": torch.__version__,
+            "data": data or "synthetic", "device": machine_name(dev), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "load_avg_start": load_start, "load_avg_end": load_end,
         }
         if mode == "epoch":

@@ -16,9 +16,8 @@ import time
 
 import torch
 
-from benchmarks.cost import device_name
 from kd.config import TrainConfig
-from kd.engine import make_accelerator, prepare_training
+from kd.engine import machine_name, make_accelerator, prepare_training
 from kd.models import MLP
 from kd.sources import SourceContext
 from teachers.cached import CachedTeacher
@@ -62,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     if acc.is_main_process:
         med = {n: statistics.median(t) for n, t in times.items()}
         paired = statistics.median(c / p_ for c, p_ in zip(times["cached"], times["proxy"]))
-        print(f"{acc.num_processes} processes, {device_name(torch.device('cpu'))}, torch {torch.__version__}: "
+        print(f"{acc.num_processes} processes, {machine_name(torch.device('cpu'))}, torch {torch.__version__}: "
               f"step with proxy {med['proxy']:.3f} ms, with cached ({a.rows} x {k}) {med['cached']:.3f} ms, "
               f"ratio {med['cached'] / med['proxy']:.3f} (paired {paired:.3f}); medians of {a.repeats} x {a.steps} steps")
         if a.out:
@@ -72,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                            "batch_size": a.batch_size, "processes": acc.num_processes, "steps": a.steps,
                            "repeats": a.repeats, "ratio_vs_proxy": med[n] / med["proxy"],
                            "paired_ratio_vs_proxy": paired if n == "cached" else 1.0,
-                           "device": device_name(torch.device("cpu")), "torch": torch.__version__}
+                           "device": machine_name(torch.device("cpu")), "torch": torch.__version__}
                           for n in med]).to_csv(a.out, index=False)
     return 0
 

@@ -40,9 +40,10 @@ import torch
 from torch import nn
 
 import teachers
-from benchmarks.cost import _Cycle, _framework_runner, _sync, _timed_repeats, device_name, timing_columns
+from benchmarks.cost import _Cycle, _framework_runner, _sync, _timed_repeats, timing_columns
 from kd import runs
 from kd.config import TrainConfig
+from kd.engine import machine_name
 from kd.errors import KDError
 from kd.sources import SourceContext, TargetSource
 from teachers.cached import CachedTeacher, TopKCached, save_cache, write_topk_cache
@@ -139,7 +140,7 @@ def _settings(device: str, batch_size, steps, repeats: int, warmup: int):
 def _common(k: int, batch: int, steps: int, repeats: int, dev, amp: str = "none") -> dict:
     return {"preset": PRESET, "teacher": "synthetic", "student": f"linear-{FEATURES}", "input_shape": str(FEATURES),
             "num_classes": k, "batch_size": batch, "amp": amp, "channels_last": False, "steps": steps,
-            "repeats": repeats, "data": "synthetic", "device": device_name(dev), "torch": torch.__version__}
+            "repeats": repeats, "data": "synthetic", "device": machine_name(dev), "torch": torch.__version__}
 
 
 def run_large_k(device: str = "cpu", ks=DEFAULT_KS, batch_size: int | None = None, steps: int | None = None,

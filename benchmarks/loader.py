@@ -12,10 +12,10 @@ import time
 
 import torch
 
-from benchmarks.cost import _sync, device_name
+from benchmarks.cost import _sync
 from kd.config import TrainConfig
 from kd.data import load_dataset
-from kd.engine import make_accelerator, make_loader, prepare_training
+from kd.engine import machine_name, make_accelerator, make_loader, prepare_training
 from kd.models import create_model
 from teachers.onehot import OneHot
 
@@ -62,4 +62,4 @@ def loader_ratio(dataset: str = "fashion-mnist", model: str | None = None, batch
             "real_epoch_s_median": statistics.median(real_times), "memory_epoch_s_median": statistics.median(mem_times),
             "ratio": statistics.median(real_times) / statistics.median(mem_times),
             "paired_ratio": statistics.median(a / b for a, b in zip(real_times, mem_times)), "repeats": repeats,
-            "device": device_name(dev), "torch": torch.__version__}
+            "device": machine_name(dev), "torch": torch.__version__}

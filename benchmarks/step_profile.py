@@ -30,9 +30,9 @@ from collections import Counter
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.cost import PRESETS, device_name, make_source, synthetic_batches
+from benchmarks.cost import PRESETS, make_source, synthetic_batches
 from kd.config import TrainConfig
-from kd.engine import make_accelerator, prepare_training, total_loss
+from kd.engine import machine_name, make_accelerator, prepare_training, total_loss
 from kd.errors import KDError
 from kd.models import create_model
 from kd.runs import check_new_file
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     a, b = sources[0], sources[-1]
     diff = {k: counts[b][k] - counts[a][k] for k in sorted(set(counts[a]) | set(counts[b]))
             if counts[b][k] != counts[a][k]}
-    result = {"preset": args.preset, "rounds": args.rounds, "device": device_name(torch.device("cpu")),
+    result = {"preset": args.preset, "rounds": args.rounds, "device": machine_name(torch.device("cpu")),
               "torch": torch.__version__, "load_avg": os.getloadavg()[0],
               "operators_per_step": {n: sum(c.values()) for n, c in counts.items()},
               f"operator_count_diff_{b}_minus_{a}": diff, "phases_us": timing}

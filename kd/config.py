@@ -21,6 +21,7 @@ class TrainConfig:
     teacher: str | None = None    # student training: a teacher SPEC (see `kd distill --help`)
     model: str | None = None
     dataset: str = "digits"
+    preprocess: str = "matched"   # matched | paper (the authors' released pipeline; fashion-mnist)
     data_root: str | None = None
     image_size: int | None = None  # imagefolder: side of the square images (default: the first image's)
     download: bool = False
@@ -48,6 +49,8 @@ class TrainConfig:
     cutout: int = 0               # Cutout square size in pixels (0: off)
     aa: str | None = None         # RandAugment, "rand-mM-nN" (drawn per image, applied per batch, in loader workers)
     seed: int = 0
+    val_fraction: float = 0.0     # > 0: train on the rest, evaluate on this stratified share of the training set
+    val_seed: int = 0             # which stratified share (the split's seed, apart from the run's seed)
     device: str = "auto"          # auto | cpu | cuda
     amp: str = "none"             # none | bf16 | fp16
     channels_last: bool = False
@@ -64,6 +67,8 @@ class TrainConfig:
             raise KDError(f"--lr must be positive, got {self.lr}")
         if self.weight_decay < 0:
             raise KDError(f"--weight-decay must be non-negative, got {self.weight_decay}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise KDError(f"--val-fraction must lie in [0, 1) (0: train on the whole training set), got {self.val_fraction}")
         for key, allowed in (("optimizer", ("sgd", "adamw")),
                              ("schedule", ("cosine", "step", "constant")), ("amp", ("none", "bf16", "fp16")),
                              ("device", ("auto", "cpu", "cuda"))):

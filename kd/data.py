@@ -27,11 +27,16 @@ FASHION_MNIST_DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 
 @dataclass
 class ImageTensors:
-    """An in-memory image set: uint8 (or float) images N x C x H x W, int64 labels."""
+    """An in-memory image set: uint8 (or float) images N x C x H x W, int64 labels.
+
+    ``ids``: each image's position in the set it was taken from (a validation split keeps
+    them, so a per-sample source such as a cached teacher reads the right rows); None: 0..N-1.
+    """
 
     images: torch.Tensor
     labels: torch.Tensor
     scale: float = 255.0  # images / scale lies in [0, 1]
+    ids: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -49,6 +54,7 @@ class DatasetInfo:
     crop_padding: int = 0
     flip: bool = False
     class_names: list[str] = field(default_factory=list)
+    preprocess: str = "matched"  # "paper": the authors' released pipeline (see PREPROCESS_PAPER)
 
 
 @dataclass
@@ -177,10 +183,11 @@ class TensorLoader:
     def __init__(self, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int, *,
                  shuffle: bool = False, drop_last: bool = False, transform: BatchTransform | None = None,
                  train: bool = False, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", ids: torch.Tensor | None = None):
         self.device = torch.device(device)
         self.inputs = inputs.to(self.device)
         self.labels = labels.to(self.device)
+        self.ids = ids.to(self.device) if ids is not None else None  # sample ids yielded instead of positions
         self.batch_size = int(batch_size)
         self.shuffle, self.drop_last, self.train = shuffle, drop_last, train
         self.transform = transform
@@ -218,7 +225,7 @@ class TensorLoader:
             x = self.inputs.index_select(0, idx)  # 3 vs 29 us for inputs[idx] (uint8, 128 x 1 x 28 x 28)
             if self.transform is not None:
                 x = self.transform(x, self.train, self.generator)
-            yield x, self.labels.index_select(0, idx), idx
+            yield x, self.labels.index_select(0, idx), (idx if self.ids is None else self.ids.index_select(0, idx))
 
 
 class IndexedDataset(torch.utils.data.Dataset):
@@ -459,16 +466,26 @@ def _check_image_size(image_size) -> int | None:
     return size
 
 
+PREPROCESS = ("matched", "paper")
+
+
 def load_dataset(name: str, root: str | Path | None = None, download: bool = False, *,
-                 image_size: int | None = None) -> DataSplit:
+                 image_size: int | None = None, preprocess: str = "matched") -> DataSplit:
     """Load a data set by name. ``root`` defaults to $KD_DATA_ROOT or ./data.
 
     ``imagefolder:PATH`` loads a user's own folders (see :func:`load_image_folder`; ``root``
     does not apply, PATH is taken as given); ``image_size`` is the square side its images
     are resized to (default: the first training image's). Registered sets have a fixed size.
+    ``preprocess``: ``matched`` (proxykd's: training and test images prepared alike) or
+    ``paper`` (the authors' released pipeline, a reproduction aid: see :func:`paper_preprocess`).
     """
     size = _check_image_size(image_size)
+    if preprocess not in PREPROCESS:
+        raise KDError(f"--preprocess must be one of {', '.join(PREPROCESS)}, got '{preprocess}'")
     folder = image_folder_path(name)
+    if preprocess == "paper" and (folder is not None or dataset_info(name).name not in PAPER_PIPELINES):
+        raise KDError(f"--preprocess paper reproduces the authors' released pipeline for "
+                      f"{', '.join(PAPER_PIPELINES)} only (where it differs from proxykd's); drop it for '{name}'")
     if folder is not None:
         if download:
             raise KDError("--download does not apply to imagefolder:PATH data sets (nothing to fetch); drop it")
@@ -485,7 +502,94 @@ def load_dataset(name: str, root: str | Path | None = None, download: bool = Fal
     if not info.class_names:
         classes = getattr(train, "classes", None)
         info = replace(info, class_names=list(classes) if classes else [str(i) for i in range(info.num_classes)])
+    split = DataSplit(train, test, info)
+    return paper_preprocess(split) if preprocess == "paper" else split
+
+
+def load_dataset_of_run(meta: dict, root: str | Path | None = None) -> DataSplit:
+    """The data set a finished run was trained on, prepared as it was (``summary.json``'s dataset,
+    preprocess and, for image folders, image size)."""
+    name = meta["dataset"]
+    size = meta.get("image_size") if image_folder_path(name) is not None else None
+    return load_dataset(name, root, image_size=size, preprocess=meta.get("preprocess", "matched"))
+
+
+# ---------------------------------------------------------------------------------------
+# The authors' pipeline (a reproduction aid) and validation splits
+
+
+def reflect_pad(images: torch.Tensor, p: int) -> torch.Tensor:
+    """Reflect-pad N x C x H x W images by ``p`` on every side, edge not repeated (numpy's and
+    torchvision's ``Pad(padding_mode='reflect')``), by index: works on uint8 and keeps the values."""
+    def index(n: int) -> torch.Tensor:
+        i = torch.arange(-p, n + p).abs()
+        return torch.where(i > n - 1, 2 * (n - 1) - i, i)
+
+    return images.index_select(2, index(images.shape[2])).index_select(3, index(images.shape[3]))
+
+
+def resize_bilinear_pil(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 N x 1 x H x W images resized to size x size by PIL's bilinear filter, one image at a time:
+    what torchvision's ``Resize([size, size])`` does to the PIL images its data sets return."""
+    from PIL import Image
+
+    out = torch.empty(len(images), 1, size, size, dtype=torch.uint8)
+    for i, x in enumerate(images[:, 0].numpy()):
+        out[i, 0] = torch.from_numpy(np.array(Image.fromarray(x).resize((size, size), Image.BILINEAR)))  # 2-D uint8: mode L
+    return out
+
+
+def _paper_fashion_mnist(split: DataSplit) -> DataSplit:
+    """The authors' released Fashion-MNIST loader: training images reflect-padded 28 -> 32 (their
+    random 32 x 32 crop of a 32 x 32 image is then the identity) and flipped; test images *resized*
+    28 -> 32 (bilinear); both normalised with mean 0.5, std 0.5. The test objects are thus 8/7 larger
+    than any training object: a train/test mismatch that costs LeNet about 8 points."""
+    tr, te = split.train, split.test
+    train = replace(tr, images=reflect_pad(tr.images, 2))
+    test = replace(te, images=resize_bilinear_pil(te.images, 32))
+    info = replace(split.info, image_size=32, mean=(0.5,), std=(0.5,), crop_padding=0, flip=True, preprocess="paper")
     return DataSplit(train, test, info)
+
+
+#: data set -> its ``--preprocess paper`` pipeline; only where the authors' differs from proxykd's in kind.
+PAPER_PIPELINES: dict[str, Callable[[DataSplit], DataSplit]] = {"fashion-mnist": _paper_fashion_mnist}
+
+
+def paper_preprocess(split: DataSplit) -> DataSplit:
+    """``split`` prepared as the authors' released code prepares it (a reproduction aid, not a
+    recommended setting: it is how the paper's numbers were measured, mismatch included)."""
+    return PAPER_PIPELINES[split.info.name](split)
+
+
+def validation_split(split: DataSplit, fraction: float, seed: int = 0) -> DataSplit:
+    """Hold out ``fraction`` of each class of the training set (seeded) as the evaluation set.
+
+    The result's ``train`` is the rest, its ``test`` the held-out part, un-augmented like a test
+    set; the real test set is dropped, so nothing chosen on this split has seen it. Each part
+    keeps the images' positions in the full training set (``ImageTensors.ids``).
+    """
+    data = split.train
+    if not isinstance(data, ImageTensors):
+        raise KDError("--val-fraction splits in-memory data sets (digits, MNIST, Fashion-MNIST, CIFAR, SVHN, "
+                      "small image folders); this one is streamed from disk")
+    g = torch.Generator().manual_seed(int(seed))
+    held = []
+    for c in torch.unique(data.labels).tolist():
+        members = (data.labels == c).nonzero().flatten()
+        n_val = int(round(fraction * len(members)))
+        if n_val < 1 or n_val >= len(members):
+            raise KDError(f"--val-fraction {fraction} leaves class {c} ({len(members)} training samples) "
+                          f"with an empty training or validation part; choose another fraction")
+        held.append(members[torch.randperm(len(members), generator=g)[:n_val]])
+    val_mask = torch.zeros(len(data), dtype=torch.bool)
+    val_mask[torch.cat(held)] = True
+    ids = data.ids if data.ids is not None else torch.arange(len(data))
+
+    def part(mask: torch.Tensor) -> ImageTensors:
+        keep = mask.nonzero().flatten()
+        return ImageTensors(data.images[keep], data.labels[keep], data.scale, ids[keep])
+
+    return DataSplit(part(~val_mask), part(val_mask), split.info)
 
 
 # ---------------------------------------------------------------------------------------

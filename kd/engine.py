@@ -10,6 +10,7 @@ the step, and frozen teachers and tables stay outside the wrapper, never broadca
 from __future__ import annotations
 
 import math
+import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,20 @@ def make_accelerator(cfg: TrainConfig):
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise KDError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
     return Accelerator(cpu=cpu, mixed_precision="no")
+
+
+def machine_name(device: torch.device) -> str:
+    """The accelerator's name, or the CPU's model and the threads torch uses: what a timing ran on."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
+    except OSError:
+        pass
+    return f"{platform.processor() or 'cpu'} ({torch.get_num_threads()} threads)"
 
 
 def lr_lambda(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
@@ -96,7 +111,7 @@ def make_loader(data, info: DatasetInfo | None, cfg: TrainConfig, *, train: bool
         tf = BatchTransform(data.scale, mean, std, pad, flip)
         if cfg.cutout and train:
             tf = CutoutTransform(tf, cfg.cutout)
-        loader = TensorLoader(data.images, data.labels, cfg.batch_size, transform=tf, **common)
+        loader = TensorLoader(data.images, data.labels, cfg.batch_size, transform=tf, ids=data.ids, **common)
         if cfg.aa and train:  # RandAugment (drawn per image, applied per batch) in loader workers
             if data.images.dtype != torch.uint8:
                 raise KDError("--aa (RandAugment) needs uint8 images; this data set holds other values")
@@ -365,8 +380,12 @@ def rescale_learning_rate(training: Training, lr: float) -> None:
 
 def fit(model: nn.Module, source: TargetSource, train_data, test_data, cfg: TrainConfig, *,
         info: DatasetInfo | None = None, run_dir: Path | None = None, meta: dict[str, Any] | None = None,
-        progress: bool = True, log: Callable[[str], None] | None = print, resume: bool = False) -> FitResult:
+        progress: bool = True, log: Callable[[str], None] | None = print, resume: bool = False,
+        eval_name: str = "test") -> FitResult:
     """Train ``model`` on the targets of ``source``; evaluate on ``test_data`` after every epoch.
+
+    ``eval_name`` names what ``test_data`` is in the metrics and summary keys: ``test``, or ``val``
+    for a validation split held out of the training set (``val_acc``, ``val_nll``, ...).
 
     With ``run_dir`` the run directory is filled as the run goes (metrics.csv and a
     checkpoint after each epoch; weights, the source's artifacts (LS++'s C-matrix) and
@@ -439,8 +458,8 @@ def fit(model: nn.Module, source: TargetSource, train_data, test_data, cfg: Trai
         logits, labels = evaluate(model, test_loader, device, cfg.channels_last)
         m = classification_metrics(logits, labels)
         terms_mean = {f"loss_{k}": float(v) / steps_per_epoch for k, v in term_sums.items()}
-        row = {"epoch": epoch, "train_loss": sum(terms_mean.values()), "test_acc": m["acc"],
-               "test_nll": m["nll"], "test_ece": m["ece"], "seconds": seconds, **terms_mean}
+        row = {"epoch": epoch, "train_loss": sum(terms_mean.values()),
+               **{f"{eval_name}_{k}": v for k, v in m.items()}, "seconds": seconds, **terms_mean}
         history.append(row)
         # every rank's own RNG states (a collective: all ranks, before rank 0 writes)
         rank_rng = runs.gather_rng_states(loader_rng) if run_dir is not None else None
@@ -449,14 +468,14 @@ def fit(model: nn.Module, source: TargetSource, train_data, test_data, cfg: Trai
             runs.save_checkpoint(ckpt_path, epoch, history, total_seconds, model, source, training.optimizer,
                                  training.scheduler, loader_rng, rank_rng)
         if main and log is not None:
-            log(f"epoch {epoch:3d}  loss {row['train_loss']:.4f}  acc {m['acc']:.4f}  nll {m['nll']:.4f}  "
+            log(f"epoch {epoch:3d}  loss {row['train_loss']:.4f}  {eval_name} acc {m['acc']:.4f}  nll {m['nll']:.4f}  "
                 f"ece {m['ece']:.4f}  {seconds:.1f}s")
     last = history[-1]
     summary = {
         **(meta or {}),
-        "test_acc": last["test_acc"], "test_nll": last["test_nll"], "test_ece": last["test_ece"],
+        **{k: last[k] for k in last if k.startswith(eval_name + "_")}, "evaluated_on": eval_name,
         "epochs": cfg.epochs, "train_seconds": total_seconds, "seconds_per_epoch": total_seconds / cfg.epochs,
-        "device": str(device), "num_processes": accelerator.num_processes,
+        "device": str(device), "machine": machine_name(device), "num_processes": accelerator.num_processes,
     }
     if main and run_dir is not None:
         runs.save_weights(run_dir / runs.WEIGHTS, model)

@@ -24,7 +24,9 @@ SUMMARY = "summary.json"
 # "resumable". The name is the one older versions used for a torch.save pickle, which is refused, never read.
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = "proxykd-checkpoint-v1"
-METRIC_COLUMNS = ["epoch", "train_loss", "test_acc", "test_nll", "test_ece", "seconds"]
+#: metrics.csv's leading columns, those a run has (test_* or, for a validation run, val_*), in this order
+METRIC_COLUMNS = ["epoch", "train_loss", *(f"{split}_{m}" for split in ("test", "val") for m in ("acc", "nll", "ece", "aece")),
+                  "seconds"]
 
 
 def launch_rank() -> int:
@@ -93,7 +95,7 @@ def write_config(run_dir: Path, config: dict[str, Any]) -> None:
 def write_metrics(run_dir: Path, rows: list[dict[str, Any]]) -> None:
     """Rewrite metrics.csv with one row per finished epoch (extra loss-term columns follow)."""
     df = pd.DataFrame(rows)
-    cols = METRIC_COLUMNS + [c for c in df.columns if c not in METRIC_COLUMNS]
+    cols = [c for c in METRIC_COLUMNS if c in df.columns] + [c for c in df.columns if c not in METRIC_COLUMNS]
     _atomic_write(run_dir / METRICS, df[cols].to_csv(index=False))
 
 

@@ -89,6 +89,9 @@ def load_checked_teacher(name: str, arg: str, ctx: SourceContext):
         raise KDError(f"teacher run {arg} was trained on '{meta.get('dataset')}', not '{ctx.dataset}'")
     if meta["num_classes"] != ctx.num_classes:
         raise KDError(f"teacher run {arg} has K={meta['num_classes']} classes but the data set has {ctx.num_classes}")
+    if ctx.info is not None and meta.get("preprocess", "matched") != ctx.info.preprocess:
+        raise KDError(f"teacher run {arg} was trained with --preprocess {meta.get('preprocess', 'matched')}, this run "
+                      f"uses {ctx.info.preprocess}: the teacher would see images prepared otherwise; use the same")
     affine = normalisation_affine(meta, ctx.info.mean, ctx.info.std) if ctx.info is not None else None
     return model, affine
 

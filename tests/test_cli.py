@@ -31,7 +31,7 @@ def test_train_teacher_lspp_fills_the_run_directory(tmp_path):
     assert cfg["model"] == "lenet" and cfg["alpha"] == 0.1
 
     m = pd.read_csv(out / "metrics.csv")
-    assert list(m.columns[:6]) == ["epoch", "train_loss", "test_acc", "test_nll", "test_ece", "seconds"]
+    assert list(m.columns[:7]) == ["epoch", "train_loss", "test_acc", "test_nll", "test_ece", "test_aece", "seconds"]
     assert m["epoch"].tolist() == list(range(1, 9))
     assert {"loss_lspp_net", "loss_lspp_c"} <= set(m.columns)
 

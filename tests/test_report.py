@@ -122,7 +122,7 @@ def test_reliability_csv_ece_equals_the_runs_summary(made):
 
 
 def test_adaptive_ece_matches_an_independent_computation():
-    from kd.app.report import adaptive_ece
+    from kd.metrics import adaptive_ece
 
     g = np.random.default_rng(3)
     n, b = 1003, 15  # not a multiple of the bin count
@@ -185,7 +185,8 @@ def test_a_c_matrix_file_alone_reads_files_only(made, monkeypatch, tmp_path):
 
 
 def test_ablation_runs_get_their_c_matrices_side_by_side(made, tmp_path):
-    from kd.app.report import make_report, row_entropy_bits
+    from kd.app.report import make_report
+    from kd.metrics import row_entropy_bits
 
     ce = made["base"] / "runs" / "lspp-ce"
     assert _main("train-teacher", "--method", "lspp-ce", *RECIPE, "--out", ce) == 0

@@ -34,6 +34,10 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--config", metavar="FILE.yaml", help="YAML file of keys mirroring these flags; flags win")
     g.add_argument("--model", default=S, help="registered name (lenet, resnet18, ...), timm:NAME or torchvision:NAME; default: the data set's")
     g.add_argument("--dataset", default=S, help="digits (default), mnist, fashion-mnist, cifar10, cifar100, svhn, tinyimagenet, imagenet100, animals10n, or imagefolder:PATH (your own images: PATH/train/CLASS/*, PATH/val/CLASS/*)")
+    g.add_argument("--preprocess", choices=["matched", "paper"], default=S,
+                   help="matched (default): training and test images prepared alike; paper: the authors' released "
+                   "Fashion-MNIST pipeline (training images reflect-padded to 32, test images resized to 32: a "
+                   "train/test mismatch), to reproduce the paper's numbers, not to train by")
     g.add_argument("--data-root", default=S, help="where the data set lies (default: $KD_DATA_ROOT or ./data)")
     g.add_argument("--image-size", type=int, default=S,
                    help="imagefolder:PATH: side of the square the images are resized to (default: the first image's)")
@@ -56,6 +60,10 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--aa", default=S, metavar="rand-mM-nN",
                    help="RandAugment (torchvision v2) with N ops of magnitude M per image, in --num-workers loader workers")
     g.add_argument("--seed", type=int, default=S, help="default 0")
+    g.add_argument("--val-fraction", type=float, default=S, metavar="F",
+                   help="hold out a stratified share F of the training set and evaluate on it instead of the test "
+                   "set (for choosing settings; the summary's metrics are then val_*); default 0: off")
+    g.add_argument("--val-seed", type=int, default=S, help="which stratified share --val-fraction holds out (default 0)")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default=S)
     g.add_argument("--amp", choices=["none", "bf16", "fp16"], default=S, help="mixed precision: autocast in the training step (fp16 adds a gradient scaler)")
     g.add_argument("--channels-last", action="store_true", default=S)
@@ -99,7 +107,8 @@ def _train(args, student: bool) -> int:
     if launch_rank() != 0:
         return 0
     what = f"student {s['model']} from {cfg.teacher}" if student else f"{cfg.method} teacher {s['model']}"
-    print(f"{what} -> {args.out}: acc {s['test_acc']:.4f}  nll {s['test_nll']:.4f}  ece {s['test_ece']:.4f}  "
+    ev = s["evaluated_on"]
+    print(f"{what} -> {args.out}: {ev} acc {s[ev + '_acc']:.4f}  nll {s[ev + '_nll']:.4f}  ece {s[ev + '_ece']:.4f}  "
           f"({s['seconds_per_epoch']:.2f}s/epoch)")
     return 0
 
@@ -199,7 +208,7 @@ def _cmd_loader_bench(args) -> int:
 
 
 def _cmd_sweep(args) -> int:
-    df = run_sweep(args.file, log=None if args.quiet else print)
+    df = run_sweep(args.file, log=None if args.quiet else print, jobs=args.jobs)
     print(summary_table(df))
     return 0
 
@@ -330,8 +339,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help="a grid of runs x seeds from one YAML file, resumable",
                        description="Run every (run, seed) of a sweep file, skipping finished runs, then write a tidy "
-                       "CSV and a markdown table of mean +- std over seeds. See kd/app/sweep.py for the format.")
+                       "CSV and a markdown table of mean +- std over seeds. A `select: {lr: [...]}` block chooses each "
+                       "run's learning rate on a validation split of the training set first. See kd/app/sweep.py "
+                       "for the format.")
     p.add_argument("file")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="train N runs at once, each in its own process with the threads split between them "
+                   "(on a GPU they share it); default 1")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_sweep)
 

@@ -11,7 +11,7 @@ from accelerate.utils import set_seed
 
 from kd import runs
 from kd.config import TrainConfig
-from kd.data import DataSplit, load_dataset
+from kd.data import DataSplit, load_dataset, load_dataset_of_run, validation_split
 from kd.engine import FitResult, fit, predict
 from kd.errors import KDError
 from kd.lock import run_lock
@@ -27,11 +27,26 @@ def model_meta(cfg: TrainConfig, split: DataSplit, model_name: str) -> dict[str,
     """What a later job needs to rebuild and feed this run's network (see ``network:`` teachers)."""
     info = split.info
     return {
-        "dataset": info.name, "model": model_name, "num_classes": info.num_classes,
+        "dataset": info.name, "preprocess": info.preprocess, "model": model_name, "num_classes": info.num_classes,
         "in_channels": info.channels, "image_size": info.image_size,
         "mean": list(info.mean), "std": list(info.std), "class_names": info.class_names,
-        "seed": cfg.seed,
+        "seed": cfg.seed, "lr": cfg.lr,
+        **({"val_fraction": cfg.val_fraction, "val_seed": cfg.val_seed} if cfg.val_fraction else {}),
     }
+
+
+def load_split(cfg: TrainConfig) -> tuple[DataSplit, int, str]:
+    """The run's data: (split, size of the full training set, what the split's ``test`` part is).
+
+    With ``cfg.val_fraction`` the split is (training set minus a stratified share, that share) and
+    the evaluation is named ``val``: the test set is not loaded into the run at all.
+    """
+    split = load_dataset(cfg.dataset, cfg.data_root, cfg.download, image_size=cfg.image_size,
+                         preprocess=cfg.preprocess)
+    num_train = len(split.train)
+    if cfg.val_fraction:
+        return validation_split(split, cfg.val_fraction, cfg.val_seed), num_train, "val"
+    return split, num_train, "test"
 
 
 def build_model(cfg: TrainConfig, split: DataSplit):
@@ -64,16 +79,16 @@ def train_teacher_job(cfg: TrainConfig, out: str | Path, progress: bool = True, 
     """`kd train-teacher`: train a network with a label-only source (1-hot, LS, LS++, ...) into ``out``."""
     cfg.validate()
     _open_run(out, resume)
-    split = load_dataset(cfg.dataset, cfg.data_root, cfg.download, image_size=cfg.image_size)
+    split, num_train, eval_name = load_split(cfg)
     source = make_source(cfg.method, split.info.num_classes, label_only=True, dataset=split.info.name,
-                         num_train=len(split.train), info=split.info, **cfg.source_options())
+                         num_train=num_train, info=split.info, **cfg.source_options())
     name, model = build_model(cfg, split)
     resolved = cfg.updated({"model": name, "alpha": getattr(source, "alpha", None)})
     meta = {"kind": "teacher", "method": cfg.method, "alpha": resolved.alpha, **model_meta(cfg, split, name)}
     with run_lock(out, runs.launch_rank()):  # a second run on the same --out refuses instead of interleaving
         run_dir = _start_or_continue(out, resolved, resume)
         return fit(model, source, split.train, split.test, resolved, info=split.info, run_dir=run_dir,
-                   meta=meta, progress=progress, log=log, resume=resume)
+                   meta=meta, progress=progress, log=log, resume=resume, eval_name=eval_name)
 
 
 def distill_job(cfg: TrainConfig, out: str | Path, progress: bool = True, log=print,
@@ -83,8 +98,8 @@ def distill_job(cfg: TrainConfig, out: str | Path, progress: bool = True, log=pr
     if not cfg.teacher:
         raise KDError("--teacher SPEC is required")
     _open_run(out, resume)
-    split = load_dataset(cfg.dataset, cfg.data_root, cfg.download, image_size=cfg.image_size)
-    teacher = teacher_from_spec(cfg.teacher, split.info, len(split.train), **cfg.source_options())
+    split, num_train, eval_name = load_split(cfg)
+    teacher = teacher_from_spec(cfg.teacher, split.info, num_train, **cfg.source_options())
     name, student = build_model(cfg, split)
     resolved = cfg.updated({"model": name, "alpha": getattr(teacher, "alpha", None)})
     meta = {"kind": "student", "teacher": cfg.teacher, "teacher_kind": cfg.teacher.partition(":")[0],
@@ -93,13 +108,13 @@ def distill_job(cfg: TrainConfig, out: str | Path, progress: bool = True, log=pr
         run_dir = _start_or_continue(out, resolved, resume)
         warnings.simplefilter("always")
         return distill(student, teacher, split.train, split.test, resolved, info=split.info, run_dir=run_dir,
-                       meta=meta, progress=progress, log=log, resume=resume)
+                       meta=meta, progress=progress, log=log, resume=resume, eval_name=eval_name)
 
 
 def _teacher_train_logits(run_dir: Path, dataset: str | None, data_root: str | None, device: str):
     model, meta = load_teacher_network(run_dir)
     name = dataset or meta["dataset"]
-    split = load_dataset(name, data_root, image_size=meta.get("image_size") if name == meta["dataset"] else None)
+    split = load_dataset_of_run(meta, data_root) if name == meta["dataset"] else load_dataset(name, data_root)
     if meta["dataset"] != split.info.name:
         raise KDError(f"teacher run {run_dir} was trained on '{meta['dataset']}', not '{split.info.name}'")
     if device == "auto":

@@ -23,7 +23,7 @@ Figures:
    stays symmetric and has a zero diagonal).
 4. ``reliability.png``: per run, accuracy against confidence in 15 equal-width bins (the bins of
    :func:`kd.metrics.expected_calibration_error`), with ECE-15 (that function), adaptive ECE
-   (15 equal-mass bins, :func:`adaptive_ece`) and the NLL printed on it; test set.
+   (15 equal-mass bins, :func:`kd.metrics.adaptive_ece`) and the NLL printed on it; test set.
 5. ``curves.png``: from each run's metrics.csv, train loss, each named loss term, test accuracy
    and test ECE per epoch, runs overlaid.
 6. ``cost_<name>.png`` per ``--bench`` CSV: median step time per source (log scale, min-max
@@ -69,10 +69,10 @@ from safetensors.torch import save_file
 
 from kd import runs
 from kd.config import TrainConfig
-from kd.data import load_dataset
+from kd.data import load_dataset_of_run
 from kd.engine import make_loader
 from kd.errors import KDError
-from kd.metrics import expected_calibration_error
+from kd.metrics import adaptive_ece, expected_calibration_error, row_entropy_bits
 from teachers.network import load_teacher_network
 
 N_BINS = 15
@@ -176,18 +176,6 @@ def read_bench(path: str | Path) -> pd.DataFrame:
 # Numbers (each figure's CSV holds exactly these)
 
 
-def adaptive_ece(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = N_BINS) -> float:
-    """ECE over equal-mass bins: sort by confidence (stable), the sample of rank r goes to bin
-    floor(r * n_bins / N); sum_b |B|/N * |acc(B) - conf(B)|."""
-    conf, pred = probs.double().max(dim=1)
-    correct = (pred == labels).double()
-    order = torch.sort(conf, stable=True).indices
-    n = conf.numel()
-    bins = torch.div(torch.arange(n, dtype=torch.long) * n_bins, n, rounding_mode="floor")
-    gap = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, conf[order] - correct[order])
-    return float(gap.abs().sum() / n)
-
-
 def reliability_bins(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = N_BINS) -> pd.DataFrame:
     """Per equal-width bin (lo, hi] (as kd.metrics bins them): count, mean confidence, accuracy."""
     conf, pred = probs.double().max(dim=1)
@@ -214,11 +202,6 @@ def centre_distances(features: torch.Tensor, labels: torch.Tensor, k: int) -> to
     d.fill_diagonal_(0.0)
     total = d.sum()
     return d / total if total > 0 else d
-
-
-def row_entropy_bits(c: torch.Tensor) -> torch.Tensor:
-    p = c.double()
-    return -(p * torch.log2(p.clamp(min=1e-300))).where(p > 0, torch.zeros_like(p)).sum(1)
 
 
 def top_neighbours(c: torch.Tensor, names: list[str], k: int = TOP_K) -> pd.DataFrame:
@@ -281,7 +264,7 @@ def compute_outputs(src: Source, data_root: str | None, device: str, points: int
     """One pass over the training set (class-mean softmax) and one over the test set (logits, and the
     penultimate features of a seeded subset of ``points`` samples), un-augmented, eval mode."""
     model, meta = load_teacher_network(src.path)
-    split = load_dataset(meta["dataset"], data_root, image_size=meta.get("image_size"))
+    split = load_dataset_of_run(meta, data_root)
     dev = _device(device)
     model = model.to(dev).eval()
     forward = penultimate(model)
@@ -794,7 +777,7 @@ def make_report(inputs: list[str | Path], out: str | Path, bench: list[str | Pat
     for s, label in zip(srcs, run_labels([s.path for s in srcs]) if srcs else []):
         s.label = label
     model_runs = [s for s in srcs if s.kind == "run"]
-    datasets = sorted({str(s.summary["dataset"]) for s in model_runs})
+    datasets = sorted({f"{s.summary['dataset']} ({s.summary.get('preprocess', 'matched')} preprocessing)" for s in model_runs})
     if len(datasets) > 1:
         raise KDError(f"the runs were trained on different data sets ({', '.join(datasets)}); make one report per data set")
     k_values = sorted({len(s.class_names) for s in srcs})
