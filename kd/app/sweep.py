@@ -1,131 +1,536 @@
-"""`kd sweep FILE.yaml`: a grid of runs x seeds from one YAML file, resumable, summarised as CSV + markdown.
+"""`kd sweep FILE.yaml [--jobs N]`: runs x seeds from one YAML file, resumable, summarised as CSV + markdown.
 
 The file holds ``runs_dir`` (where run directories go), ``results`` (path prefix of the tidy
 CSV and the markdown table), ``seeds``, ``base`` (config keys shared by every run) and
-``runs``: a list of entries with a ``name``, a ``verb`` (``train-teacher``, ``distill`` or
-``proxy-export``), optional ``seeds`` overriding the global ones, ``table: false`` to leave
-it out of the table, and config keys. ``{runs_dir}`` in a value is replaced, so a student
-can name a teacher run: ``teacher: network:{runs_dir}/teacher-lspp/seed0``.
+``runs``: a list of entries with a ``name``, a ``verb`` (``train-teacher``, ``distill``,
+``proxy-export`` or ``teacher-cache``: the last two write ``NAME/seedS/c_matrix.safetensors``
+or ``NAME/seedS/cache.safetensors`` from the finished run ``run: OTHER``; a proxy export takes
+``from: learned|measured|auto``), optional ``seeds`` overriding the global ones, ``table:
+false`` to leave it out of the table, ``exclusive: true`` to train it alone on the machine
+(no other run of the sweep at the same time, all threads: its ``train_seconds`` is then a
+clean wall-clock time), and config keys. In a value, ``{runs_dir}`` is replaced by the runs
+directory and ``{seed}`` by the run's seed, so a student can name a teacher run:
+``teacher: network:{runs_dir}/teacher-lspp/seed{seed}``; such a run waits for that one.
 
-Each run lives in ``RUNS_DIR/NAME/seedS``; a run whose ``summary.json`` exists is skipped, so
-an interrupted sweep resumes where it stopped; a run killed between epochs continues from its
-checkpoint. A run directory left with neither a summary nor a checkpoint is moved aside to
-``seedS.interrupted-TIME``, never deleted.
+Learning rates chosen on validation data: with a top-level ``select`` mapping (``lr``: the
+grid; ``val_fraction``, default 0.1; ``val_seed``, default 0; ``seeds``, default [0]) every
+train or distill run without an ``lr`` of its own (and without ``lr_from``) is first trained
+once per grid value and selection seed on the training set minus a stratified, seeded
+validation share (``NAME/select/lr{LR}-seed{S}``, evaluated on that share, never on the test
+set). The rate with the best mean validation accuracy (ties: the smaller rate) is then used
+for every seed on the full training set (``NAME/seed{S}``), whose test metrics alone make the
+table. A run's ``lr_grid`` replaces the grid for that run; ``lr_from: OTHER`` reuses the rate
+chosen for run OTHER. The chosen rate is in the CSV's ``lr`` column and every validation
+result in ``RESULTS_selection.csv``.
+
+A run whose ``summary.json`` exists is skipped (after checking that its config.yaml holds
+the values this file asks for, so two sweep files can share runs), so an interrupted sweep
+resumes where it stopped; a run killed between epochs continues from its checkpoint. A run
+directory left with neither a summary nor a checkpoint is moved aside to
+``seedS.interrupted-TIME``, never deleted. With ``--jobs N`` N runs train at once, each in a
+process of its own with the machine's threads split between them (on a GPU they share it);
+a run starts when the runs it names have finished. A failed run is reported and the others
+go on; its dependants are skipped.
 """
 from __future__ import annotations
 
+import concurrent.futures as cf
 import json
+import multiprocessing
+import os
+import re
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pandas as pd
+import yaml
 
 from kd import runs
-from kd.app.jobs import distill_job, export_proxy_job, train_teacher_job
 from kd.config import TrainConfig, load_yaml_config
 from kd.errors import KDError
+from kd.metrics import row_entropy_bits
 
-VERBS = ("train-teacher", "distill", "proxy-export")
+VERBS = ("train-teacher", "distill", "proxy-export", "teacher-cache")
+#: verbs that write one file from a finished run (``run: NAME``) instead of training; the file each writes
+ARTIFACTS = {"proxy-export": "c_matrix.safetensors", "teacher-cache": "cache.safetensors"}
+RUN_KEYS = ("name", "verb", "seeds", "table", "run", "from", "lr_grid", "lr_from", "exclusive")  # not config keys
+SELECT_DEFAULTS = {"val_fraction": 0.1, "val_seed": 0, "seeds": [0]}
+REFERENCE = re.compile(r"\{runs_dir\}/([^/]+)/")
+
+
+def _grid(values, where: str) -> list[float]:
+    if not isinstance(values, list) or not values:
+        raise KDError(f"{where}: the learning-rate grid must be a non-empty list of positive numbers")
+    try:
+        grid = sorted({float(v) for v in values})
+    except (TypeError, ValueError):
+        raise KDError(f"{where}: the learning-rate grid must be a list of numbers, got {values}") from None
+    if grid[0] <= 0:
+        raise KDError(f"{where}: learning rates must be positive, got {values}")
+    return grid
 
 
 def load_sweep(path: str | Path) -> dict[str, Any]:
+    """Read and check a sweep file; every mistake is a KDError before anything runs."""
     spec = load_yaml_config(path)
     for key in ("runs_dir", "results", "runs"):
         if key not in spec:
             raise KDError(f"{path}: missing key '{key}' (a sweep needs runs_dir, results, seeds, base and runs)")
     spec.setdefault("seeds", [0])
     spec.setdefault("base", {})
-    names = set()
+    if "select" in spec:
+        sel = spec["select"]
+        if not isinstance(sel, dict) or "lr" not in sel:
+            raise KDError(f"{path}: select needs lr (the grid), optionally val_fraction, val_seed and seeds")
+        unknown = set(sel) - {"lr", *SELECT_DEFAULTS}
+        if unknown:
+            raise KDError(f"{path}: unknown select key '{sorted(unknown)[0]}'; use lr, val_fraction, val_seed, seeds")
+        spec["select"] = {**SELECT_DEFAULTS, **sel, "lr": _grid(sel["lr"], f"{path}: select.lr")}
+        if not 0.0 < float(spec["select"]["val_fraction"]) < 1.0:
+            raise KDError(f"{path}: select.val_fraction must lie in (0, 1), got {spec['select']['val_fraction']}")
+    names: dict[str, dict] = {}
     for i, run in enumerate(spec["runs"]):
         if not isinstance(run, dict) or "name" not in run or run.get("verb") not in VERBS:
             raise KDError(f"{path}: runs[{i}] needs a name and a verb in {', '.join(VERBS)}")
         if run["name"] in names:
             raise KDError(f"{path}: run name '{run['name']}' appears twice")
-        names.add(run["name"])
-        if run["verb"] != "proxy-export":  # check config keys now, not halfway through the sweep
-            TrainConfig.from_dict({**spec["base"], **_config_keys(run, spec["runs_dir"])}, where=f"{path}: {run['name']}")
+        if run["verb"] in ARTIFACTS and not isinstance(run.get("run"), str):
+            raise KDError(f"{path}: {run['name']}: a {run['verb']} needs run: NAME (the teacher run it reads)")
+        names[run["name"]] = run
+    for run in spec["runs"]:
+        where = f"{path}: {run['name']}"
+        for ref in references(run):
+            if ref not in names:
+                raise KDError(f"{where} names run '{ref}', which this sweep does not define")
+        if "lr_from" in run and run["lr_from"] not in names:
+            raise KDError(f"{where}: lr_from names run '{run['lr_from']}', which this sweep does not define")
+        if "lr_grid" in run:
+            run["lr_grid"] = _grid(run["lr_grid"], f"{where}: lr_grid")
+        if run["verb"] in ARTIFACTS:
+            missing = set(run.get("seeds", spec["seeds"])) - set(names[run["run"]].get("seeds", spec["seeds"]))
+            if missing:
+                raise KDError(f"{where}: run '{run['run']}' has no seed {sorted(missing)[0]} to export")
+        else:  # check config keys now, not halfway through the sweep
+            TrainConfig.from_dict({**spec["base"], **_config_keys(run, spec["runs_dir"], 0)}, where=where).validate()
+    _check_acyclic(spec, names, path)
     return spec
 
 
-def _config_keys(run: dict[str, Any], runs_dir: str) -> dict[str, Any]:
-    out = {k: v for k, v in run.items() if k not in ("name", "verb", "seeds", "table", "run", "from")}
-    return {k: v.replace("{runs_dir}", runs_dir) if isinstance(v, str) else v for k, v in out.items()}
+def references(run: dict[str, Any]) -> set[str]:
+    """Names of the runs whose directories ``run`` reads (``{runs_dir}/NAME/...`` values, a proxy-export's ``run``)."""
+    refs = {m for v in run.values() if isinstance(v, str) for m in REFERENCE.findall(v)}
+    if run["verb"] in ARTIFACTS:
+        refs.add(run["run"])
+    return refs
+
+
+def _check_acyclic(spec, names: dict[str, dict], path) -> None:
+    state: dict[str, int] = {}
+
+    def visit(name: str, trail: list[str]) -> None:
+        if state.get(name) == 2:
+            return
+        if state.get(name) == 1:
+            raise KDError(f"{path}: runs depend on each other in a circle ({' -> '.join(trail + [name])})")
+        state[name] = 1
+        run = names[name]
+        for dep in sorted(references(run) | ({run["lr_from"]} if "lr_from" in run else set())):
+            visit(dep, trail + [name])
+        state[name] = 2
+
+    for name in names:
+        visit(name, [])
+
+
+def _config_keys(run: dict[str, Any], runs_dir: str, seed: int) -> dict[str, Any]:
+    out = {k: v for k, v in run.items() if k not in RUN_KEYS}
+    return {k: v.replace("{runs_dir}", runs_dir).replace("{seed}", str(seed)) if isinstance(v, str) else v
+            for k, v in out.items()}
 
 
 def _run_dir(spec, name: str, seed: int) -> Path:
     return Path(spec["runs_dir"]) / name / f"seed{seed}"
 
 
-def run_sweep(path: str | Path, log=print) -> pd.DataFrame:
+def _lr_tag(lr: float) -> str:
+    return f"lr{lr:g}"
+
+
+def selects(spec, run: dict[str, Any]) -> bool:
+    """Whether ``run``'s learning rate is chosen on validation data by this sweep."""
+    if run["verb"] in ARTIFACTS or "lr" in run or "lr_from" in run:
+        return False
+    return "lr_grid" in run or "select" in spec
+
+
+def _selection(spec) -> dict[str, Any]:
+    return spec.get("select", {**SELECT_DEFAULTS, "lr": []})
+
+
+def lr_grid(spec, run: dict[str, Any]) -> list[float]:
+    return run.get("lr_grid") or _selection(spec)["lr"]
+
+
+def _selection_dir(spec, name: str, lr: float, seed: int) -> Path:
+    return Path(spec["runs_dir"]) / name / "select" / f"{_lr_tag(lr)}-seed{seed}"
+
+
+@dataclass
+class Task:
+    """One run directory to fill: a selection run, a final run or a proxy export."""
+
+    name: str
+    kind: str                     # "select" | "final" | "export"
+    seed: int
+    out: Path
+    lr: float | None = None       # selection runs: the grid value
+    deps: set = field(default_factory=set)  # keys of the tasks that must finish first
+
+    @property
+    def key(self) -> tuple:
+        return (self.name, self.kind, self.lr, self.seed)
+
+    def label(self) -> str:
+        lr = f" lr {self.lr:g} (validation)" if self.kind == "select" else ""
+        return f"{self.name} seed {self.seed}{lr}"
+
+
+class Plan:
+    """Every task of a sweep with its dependencies, and the learning rates chosen so far."""
+
+    def __init__(self, spec):
+        self.spec = spec
+        self.runs = {r["name"]: r for r in spec["runs"]}
+        self.tasks: dict[tuple, Task] = {}
+        for run in spec["runs"]:
+            name = run["name"]
+            if selects(spec, run):
+                sel = _selection(spec)
+                for lr in lr_grid(spec, run):
+                    for s in sel["seeds"]:
+                        self._add(Task(name, "select", s, _selection_dir(spec, name, lr, s), lr))
+            kind = "export" if run["verb"] in ARTIFACTS else "final"
+            for s in run.get("seeds", spec["seeds"]):
+                self._add(Task(name, kind, s, _run_dir(spec, name, s)))
+        for t in self.tasks.values():
+            run = self.runs[t.name]
+            for ref in references(run):
+                t.deps |= self.finals(ref)
+            if t.kind == "final":
+                source = run.get("lr_from", t.name)
+                t.deps |= {k for k, u in self.tasks.items() if u.name == source and u.kind == "select"}
+                if "lr_from" in run and not selects(spec, self.runs[source]):
+                    t.deps |= self.finals(source)  # nothing to choose: its rate is its config's
+
+    def _add(self, task: Task) -> None:
+        self.tasks[task.key] = task
+
+    def finals(self, name: str) -> set:
+        return {k for k, t in self.tasks.items() if t.name == name and t.kind in ("final", "export")}
+
+    def chosen_lr(self, name: str) -> float | None:
+        """The learning rate ``name``'s final runs use: chosen on validation, taken from another run, or set."""
+        run = self.runs[name]
+        if "lr_from" in run:
+            return self.chosen_lr(run["lr_from"])
+        if not selects(self.spec, run):
+            return None  # the config's own
+        table = selection_frame(self.spec, [run])
+        if table.empty:
+            return None
+        means = table.groupby("lr")["val_acc"].mean()
+        return float(means.index[means.values == means.max()].min())
+
+    def config(self, task: Task) -> TrainConfig:
+        run = self.runs[task.name]
+        keys = {**self.spec["base"], **_config_keys(run, self.spec["runs_dir"], task.seed), "seed": task.seed}
+        if task.kind == "select":
+            sel = _selection(self.spec)
+            keys.update(lr=task.lr, val_fraction=sel["val_fraction"], val_seed=sel["val_seed"])
+        else:
+            lr = self.chosen_lr(task.name)
+            if lr is not None:
+                keys["lr"] = lr
+        return TrainConfig.from_dict(keys, where=f"{task.name}")
+
+    def asked(self, task: Task) -> dict[str, Any]:
+        """The config values the sweep sets for ``task`` (the rest are defaults or resolved at run time)."""
+        run = self.runs[task.name]
+        keys = set(self.spec["base"]) | set(_config_keys(run, self.spec["runs_dir"], task.seed)) | {"seed", "lr"}
+        if task.kind == "select":
+            keys |= {"val_fraction", "val_seed"}
+        full = self.config(task).to_dict()
+        return {k.replace("-", "_"): full[k.replace("-", "_")] for k in keys}
+
+
+def _finished(task: Task, verb: str) -> bool:
+    return (task.out / ARTIFACTS.get(verb, runs.SUMMARY)).is_file()
+
+
+def _check_same_config(task: Task, asked: dict[str, Any]) -> None:
+    """A finished run is reused only when it was run with the values this sweep asks for."""
+    path = task.out / runs.CONFIG
+    try:
+        have = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        raise KDError(f"{task.out} is finished but its {runs.CONFIG} cannot be read; move it aside to rerun it") from None
+    have = TrainConfig.from_dict({k: v for k, v in have.items() if k in TrainConfig.__dataclass_fields__}).to_dict()
+    for k, v in asked.items():
+        if have.get(k) != v:
+            raise KDError(f"{task.out} is a finished run with {k} = {have.get(k)!r}, but this sweep asks for {v!r}; "
+                          f"give the sweep another runs_dir or the run another name (nothing was changed)")
+
+
+def _move_aside_if_interrupted(task: Task, log) -> bool:
+    """True when ``task.out`` holds a checkpoint to resume; an unfinished directory without one is moved aside."""
+    if (task.out / runs.CHECKPOINT).is_file():
+        return True
+    if task.out.exists():
+        aside = task.out.with_name(f"{task.out.name}.interrupted-{time.strftime('%Y%m%dT%H%M%S')}")
+        task.out.rename(aside)
+        log(f"[sweep] {task.out} had no summary and no checkpoint (interrupted); moved to {aside}")
+    return False
+
+
+def execute(job: dict[str, Any]) -> dict[str, Any]:
+    """Run one task described by plain values (so that a worker process can take it); returns its summary."""
+    from kd.app.jobs import cache_job, distill_job, export_proxy_job, train_teacher_job
+
+    if job["verb"] in ARTIFACTS:
+        out = Path(job["out"])
+        out.mkdir(parents=True, exist_ok=True)
+        if job["verb"] == "proxy-export":
+            export_proxy_job(job["src"], out / ARTIFACTS["proxy-export"], job["from"], device=job["device"])
+        else:
+            cache_job(job["src"], None, out / ARTIFACTS["teacher-cache"], device=job["device"])
+        return {}
+    fn = train_teacher_job if job["verb"] == "train-teacher" else distill_job
+    cfg = TrainConfig.from_dict(job["config"])
+    return fn(cfg, job["out"], progress=False, log=None, resume=job["resume"]).summary
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+
+
+class _Inline:
+    """An executor that runs each task when it is submitted, in this process (``--jobs 1``)."""
+
+    def submit(self, fn, *args) -> cf.Future:
+        f: cf.Future = cf.Future()
+        try:
+            f.set_result(fn(*args))
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # reported like a worker's failure
+            f.set_exception(e)
+        return f
+
+    def shutdown(self, *args, **kwargs) -> None:
+        pass
+
+
+def run_sweep(path: str | Path, log: Callable[[str], None] | None = print, jobs: int = 1) -> pd.DataFrame:
+    """Run every unfinished task of the sweep file (``jobs`` at a time), then write the results."""
+    if jobs < 1:
+        raise KDError(f"--jobs must be at least 1, got {jobs}")
     spec = load_sweep(path)
     log = log or (lambda *_: None)
+    plan = Plan(spec)
     started = time.perf_counter()
-    for run in spec["runs"]:
-        for seed in run.get("seeds", spec["seeds"]):
-            out = _run_dir(spec, run["name"], seed)
-            if run["verb"] == "proxy-export":
-                target = out / "c_matrix.safetensors"
-                if target.exists():
+    done: set = set()
+    failed: dict[tuple, str] = {}
+    waiting = list(plan.tasks.values())  # file order: runs, then seeds
+    running: dict[cf.Future, tuple[Task, float]] = {}
+    inline = _Inline()
+    if jobs == 1:
+        pool = inline
+    else:
+        import torch
+
+        threads = max(1, torch.get_num_threads() // jobs)
+        log(f"[sweep] {jobs} runs at a time, {threads} thread(s) each")
+        pool = cf.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                                      initializer=_init_worker, initargs=(threads,))
+    try:
+        while waiting or running:
+            for task in list(waiting):
+                if len(running) >= jobs:
+                    break
+                if task.deps & set(failed):
+                    waiting.remove(task)
+                    failed[task.key] = "a run it needs failed"
+                    log(f"[sweep] {task.label()}: skipped, a run it needs failed")
                     continue
-                src = Path(spec["runs_dir"]) / run["run"] / f"seed{seed}"
-                out.mkdir(parents=True, exist_ok=True)
-                log(f"[sweep] {run['name']} seed {seed}: proxy export of {src}")
-                export_proxy_job(src, target, run.get("from", "auto"))
+                if not task.deps <= done:
+                    continue
+                alone = bool(plan.runs[task.name].get("exclusive", False))
+                if alone and running:
+                    break  # let the running ones finish; start nothing else before it
+                waiting.remove(task)
+                job = _job(plan, task, log)
+                if job is None:
+                    done.add(task.key)
+                    continue
+                log(f"[sweep] {task.label()}{' resumed' if job.get('resume') else ''}{' (alone)' if alone else ''} ...")
+                t0 = time.perf_counter()
+                # an exclusive run trains in this process, with all its threads, while nothing else runs
+                running[(inline if alone else pool).submit(execute, job)] = (task, t0)
+            if not running:
+                if waiting and not any(t.deps <= done | set(failed) for t in waiting):
+                    raise KDError("sweep: runs wait on runs that never finish (a dependency cycle)")
                 continue
-            if (out / "summary.json").is_file():
-                continue
-            resume = (out / runs.CHECKPOINT).is_file()
-            if out.exists() and not resume:
-                aside = out.with_name(f"{out.name}.interrupted-{time.strftime('%Y%m%dT%H%M%S')}")
-                out.rename(aside)
-                log(f"[sweep] {out} had no summary and no checkpoint (interrupted); moved to {aside}")
-            cfg = TrainConfig.from_dict({**spec["base"], **_config_keys(run, spec["runs_dir"]), "seed": seed})
-            log(f"[sweep] {run['name']} seed {seed} {'resumed' if resume else ''}...")
-            job = train_teacher_job if run["verb"] == "train-teacher" else distill_job
-            t0 = time.perf_counter()
-            r = job(cfg, out, progress=False, log=None, resume=resume)
-            log(f"[sweep] {run['name']} seed {seed}: acc {r.summary['test_acc']:.4f} ({time.perf_counter() - t0:.0f}s)")
-    df = collect(spec)
-    write_results(spec, df, time.perf_counter() - started, path)
+            finished, _ = cf.wait(list(running), return_when=cf.FIRST_COMPLETED)
+            for f in finished:
+                task, t0 = running.pop(f)
+                try:
+                    summary = f.result()
+                except Exception as e:  # one failed run does not stop the others
+                    failed[task.key] = f"{type(e).__name__}: {e}"
+                    log(f"[sweep] {task.label()}: FAILED ({failed[task.key]})")
+                    continue
+                done.add(task.key)
+                ev = summary.get("evaluated_on")
+                score = f"{ev} acc {summary[ev + '_acc']:.4f} " if ev else "written "
+                log(f"[sweep] {task.label()}: {score}({time.perf_counter() - t0:.0f}s)")
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    df = collect(spec, plan)
+    write_results(spec, df, selection_frame(spec, spec["runs"], plan), time.perf_counter() - started, path)
+    if failed:
+        first = next(iter(failed.items()))
+        raise KDError(f"{len(failed)} run(s) of the sweep did not finish (first: {first[0][0]} seed {first[0][3]}: "
+                      f"{first[1]}); the finished ones are in {spec['results']}.csv; fix the cause and rerun the sweep")
     return df
 
 
-def collect(spec) -> pd.DataFrame:
+def _job(plan: Plan, task: Task, log) -> dict[str, Any] | None:
+    """The plain description of ``task`` for :func:`execute`, or None when it is already finished."""
+    run = plan.runs[task.name]
+    if task.kind == "export":
+        if _finished(task, run["verb"]):
+            return None
+        src = Path(plan.spec["runs_dir"]) / run["run"] / f"seed{task.seed}"
+        return {"verb": run["verb"], "out": str(task.out), "src": str(src), "from": run.get("from", "auto"),
+                "device": plan.spec["base"].get("device", "auto")}
+    asked = plan.asked(task)
+    if _finished(task, run["verb"]):
+        _check_same_config(task, asked)
+        return None
+    resume = _move_aside_if_interrupted(task, log)
+    if resume:
+        _check_same_config(task, asked)
+    return {"verb": run["verb"], "config": plan.config(task).to_dict(), "out": str(task.out), "resume": resume}
+
+
+def selection_frame(spec, run_list: list[dict[str, Any]], plan: Plan | None = None) -> pd.DataFrame:
+    """One row per finished validation run of the runs in ``run_list``: name, lr, seed, val metrics, chosen."""
+    rows = []
+    sel = _selection(spec)
+    for run in run_list:
+        if not selects(spec, run):
+            continue
+        for lr in lr_grid(spec, run):
+            for s in sel["seeds"]:
+                p = _selection_dir(spec, run["name"], lr, s) / runs.SUMMARY
+                if p.is_file():
+                    m = json.loads(p.read_text())
+                    rows.append({"name": run["name"], "lr": lr, "seed": s, "val_fraction": sel["val_fraction"],
+                                 "val_seed": sel["val_seed"], **{k: m[k] for k in m if k.startswith("val_") and k not in ("val_fraction", "val_seed")}})
+    df = pd.DataFrame(rows)
+    if plan is not None and not df.empty:
+        df["chosen"] = [plan.chosen_lr(n) == lr for n, lr in zip(df["name"], df["lr"])]
+    return df
+
+
+def collect(spec, plan: Plan | None = None) -> pd.DataFrame:
     """One tidy row per finished (run, seed) that belongs in the table."""
+    plan = plan or Plan(spec)
+    sel = selection_frame(spec, spec["runs"])
     rows = []
     for run in spec["runs"]:
-        if run["verb"] == "proxy-export" or run.get("table", True) is False:
+        if run["verb"] in ARTIFACTS or run.get("table", True) is False:
             continue
+        how = ("validation" if selects(spec, run) else f"as {run['lr_from']}" if "lr_from" in run else "fixed")
         for seed in run.get("seeds", spec["seeds"]):
-            p = _run_dir(spec, run["name"], seed) / "summary.json"
+            p = _run_dir(spec, run["name"], seed) / runs.SUMMARY
             if not p.is_file():
                 continue
             s = json.loads(p.read_text())
+            cfg = yaml.safe_load((p.parent / runs.CONFIG).read_text()) or {}
+            c_path = p.parent / runs.C_MATRIX
+            entropy = float(row_entropy_bits(runs.load_c_matrix(c_path)[0]).mean()) if c_path.is_file() else float("nan")
+            source = run.get("lr_from", run["name"])
+            val = sel[(sel["name"] == source) & (sel["lr"] == cfg.get("lr"))] if not sel.empty else sel
             rows.append({"name": run["name"], "verb": run["verb"], "method": s.get("method"),
-                         "teacher": s.get("teacher"), "model": s["model"], "seed": seed,
+                         "teacher": s.get("teacher"), "model": s["model"], "preprocess": s.get("preprocess", "matched"),
+                         "seed": seed, "lr": cfg.get("lr"), "lr_chosen_by": how,
+                         "val_acc_at_lr": float(val["val_acc"].mean()) if len(val) else float("nan"),
                          "test_acc": s["test_acc"], "test_nll": s["test_nll"], "test_ece": s["test_ece"],
-                         "epochs": s["epochs"], "train_seconds": s["train_seconds"]})
+                         "test_aece": s.get("test_aece", float("nan")), "c_row_entropy_bits": entropy,
+                         "epochs": s["epochs"],
+                         "train_seconds": s["train_seconds"], "seconds_per_epoch": s["seconds_per_epoch"],
+                         "timed_alone": bool(run.get("exclusive", False)), "machine": s.get("machine", "")})
     return pd.DataFrame(rows)
 
 
 def summary_table(df) -> str:
-    """mean +- std over seeds (accuracy and ECE in percent, as the paper reports them)."""
-    lines = ["| run | model | seeds | test acc (%) | NLL | ECE (%) |", "|---|---|---|---|---|---|"]
+    """mean +- std over seeds (accuracy and ECE in percent, as the paper reports them); the learning
+    rate, adaptive ECE, C row entropy and training time columns appear when the results have them
+    (training time only for runs trained alone on the machine, ``exclusive: true``)."""
+    has_lr = "lr" in df.columns
+    has_aece = "test_aece" in df.columns and df["test_aece"].notna().any()
+    has_c = "c_row_entropy_bits" in df.columns and df["c_row_entropy_bits"].notna().any()
+    has_time = "timed_alone" in df.columns and df["timed_alone"].any()
+    head = ["run", "model"] + (["lr"] if has_lr else []) + ["seeds", "test acc (%)", "NLL", "ECE (%)"] + \
+        (["adaptive ECE (%)"] if has_aece else []) + (["C row entropy (bits)"] if has_c else []) + \
+        (["training time (s)"] if has_time else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, g in df.groupby("name", sort=False):
         def ms(col, scale=1.0, fmt=".2f"):
             std = g[col].std(ddof=1) if len(g) > 1 else float("nan")
             return f"{g[col].mean() * scale:{fmt}} ± {std * scale:{fmt}}"
-        lines.append(f"| {name} | {g['model'].iloc[0]} | {len(g)} | {ms('test_acc', 100)} | {ms('test_nll', 1, '.3f')} | "
-                     f"{ms('test_ece', 100)} |")
+        cells = [name, g["model"].iloc[0]] + ([", ".join(f"{v:g}" for v in sorted(g["lr"].unique()))] if has_lr else []) + \
+            [str(len(g)), ms("test_acc", 100), ms("test_nll", 1, ".3f"), ms("test_ece", 100)] + \
+            ([ms("test_aece", 100)] if has_aece else []) + \
+            ([ms("c_row_entropy_bits") if g["c_row_entropy_bits"].notna().all() else ""] if has_c else []) + \
+            ([ms("train_seconds", 1, ".0f") if g["timed_alone"].all() else ""] if has_time else [])
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def write_results(spec, df, seconds: float, path) -> None:
+def selection_table(sel: pd.DataFrame) -> str:
+    """Validation accuracy (%) per run and grid value (mean over selection seeds); the chosen rate in bold."""
+    if sel.empty:
+        return ""
+    grid = sorted(sel["lr"].unique())
+    lines = ["| run | " + " | ".join(f"lr {v:g}" for v in grid) + " |", "|---|" + "---|" * len(grid)]
+    for name, g in sel.groupby("name", sort=False):
+        means = g.groupby("lr")["val_acc"].mean()
+        chosen = set(g.loc[g["chosen"], "lr"]) if "chosen" in g else set()
+        cells = [(f"**{means[v] * 100:.2f}**" if v in chosen else f"{means[v] * 100:.2f}") if v in means else ""
+                 for v in grid]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_results(spec, df, sel: pd.DataFrame, seconds: float, path) -> None:
     prefix = Path(spec["results"])
     prefix.parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(prefix.with_suffix(".csv"), index=False)
     text = (f"Sweep `{path}` (`kd sweep {path}`); std over seeds with ddof=1; final-epoch test metrics.\n"
             f"This invocation took {seconds:.0f}s (finished runs are skipped on a rerun; "
-            f"the per-run train_seconds are in the CSV).\n\n" + summary_table(df) + "\n")
+            f"the per-run train_seconds are in the CSV).\n\n" + (summary_table(df) if not df.empty else "(no finished runs)") + "\n")
+    if not sel.empty:
+        s = _selection(spec)
+        sel.to_csv(prefix.with_name(prefix.name + "_selection.csv"), index=False)
+        text += (f"\nValidation accuracy (%) by learning rate, each run trained on the training set minus a stratified "
+                 f"{s['val_fraction']:g} share (split seed {s['val_seed']}; run seeds {', '.join(map(str, s['seeds']))}) "
+                 f"and evaluated on that share; the chosen rate in bold (ties: the smaller):\n\n"
+                 + selection_table(sel) + "\n")
     prefix.with_suffix(".md").write_text(text)
