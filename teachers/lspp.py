@@ -22,9 +22,6 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from kd import runs
-from kd.config import TrainConfig
-from kd.data import infer_num_classes
-from kd.engine import fit
 from kd.errors import KDError
 from kd.sources import SourceContext, TargetSource, option_alpha
 
@@ -118,22 +115,6 @@ class LSPPLoss(TargetSource):
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The scalar LS++ loss for a batch."""
         return sum(self.loss_terms(logits, labels).values())
-
-
-def train_teacher(model: nn.Module, train_data, test_data, config=None, *, num_classes: int | None = None,
-                  info=None, run_dir=None, meta=None, progress: bool = True, log=print):
-    """Train ``model`` with ``config.method`` targets (LS++ by default) on (input, label) data.
-
-    Returns the engine's FitResult: ``.model`` is the network teacher and, for LS++,
-    ``.source.c_matrix()`` its learned C-matrix.
-    """
-    from teachers import make_source
-
-    cfg = (config or TrainConfig()).validate()
-    k = num_classes or (info.num_classes if info is not None else infer_num_classes(train_data))
-    source = make_source(cfg.method, k, label_only=True, **cfg.source_options())
-    return fit(model, source, train_data, test_data, cfg, info=info, run_dir=run_dir, meta=meta,
-               progress=progress, log=log)
 
 
 def _square(rows: torch.Tensor, diagonal: float, flat_index: torch.Tensor) -> torch.Tensor:

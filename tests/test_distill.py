@@ -126,7 +126,7 @@ def test_cached_teacher_warns_when_augmentation_is_on():
 
 def test_python_api_on_tabular_data_teacher_export_and_proxy_student():
     """LS++ teacher -> C-matrix (learned and measured) -> proxy-distilled student, no images anywhere."""
-    from teachers.lspp import train_teacher
+    from students import train_teacher
 
     train, test = blobs(600), blobs(200, seed=1)
     cfg = TrainConfig(method="lspp", epochs=6, batch_size=32, lr=0.05, device="cpu")

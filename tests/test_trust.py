@@ -8,8 +8,8 @@ from kd.data import ImageTensors
 from kd.engine import fit
 from kd.errors import KDError
 from kd.models import MLP
-from students import distill
-from teachers.lspp import LSPPLoss, train_teacher
+from students import distill, train_teacher
+from teachers.lspp import LSPPLoss
 from teachers.onehot import OneHot
 
 
