@@ -1,16 +1,19 @@
-"""Run configuration: one dataclass whose fields mirror the CLI flags and the YAML keys."""
+"""Run configuration: one dataclass whose fields mirror the CLI flags and the YAML keys.
+
+Target-source options (alpha, temperature, ...) are not fields: each source declares its own
+(``kd.sources.Option``), and a config holds the given ones in ``options``. They read and write
+as top-level keys like the fields (``alpha: 0.1``); which names are known comes from the source
+table, so :meth:`TrainConfig.updated` is told them by its caller (``teachers.option_names()``).
+"""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from kd.errors import KDError
-
-#: The config keys handed to a source as its options (see ``kd.sources.SourceContext``).
-SOURCE_OPTIONS = ("alpha", "temperature", "hard_weight", "multiplier", "margin", "gamma", "power")
 
 
 @dataclass
@@ -36,13 +39,6 @@ class TrainConfig:
     warmup_epochs: float = 1.0
     milestones: tuple[float, ...] = (0.5, 0.75)  # step schedule: fractions of the run
     lr_gamma: float = 0.1         # step schedule: learning-rate factor at each milestone
-    alpha: float | None = None    # LS / LS++ / proxy mixing weight (default 0.1; proxy: the artifact's)
-    temperature: float | None = None  # Hinton KD (network teacher), TF-KD temperature
-    hard_weight: float = 0.0      # Hinton KD weight of the hard-label loss
-    multiplier: float | None = None   # TF-KD loss multiplier
-    margin: float | None = None       # margin-based LS margin
-    gamma: float | None = None        # focal loss gamma
-    power: float | None = None        # Zipf's LS exponent
     augment: bool = True          # the data set's batch augmentation (pad-and-crop, flip)
     mixup: float = 0.0            # Mixup Beta parameter (0: off)
     cutmix: float = 0.0           # CutMix Beta parameter (0: off); with mixup: switch per batch, p = 0.5
@@ -55,10 +51,9 @@ class TrainConfig:
     amp: str = "none"             # none | bf16 | fp16
     channels_last: bool = False
     num_workers: int = 4          # only for folder data sets streamed from disk
+    options: dict[str, Any] = field(default_factory=dict)  # the target source's options that were given
 
     def validate(self) -> "TrainConfig":
-        if self.alpha is not None and not 0.0 < float(self.alpha) < 1.0:
-            raise KDError(f"--alpha must lie in (0, 1), got {self.alpha}")
         if self.epochs < 1:
             raise KDError(f"--epochs must be at least 1, got {self.epochs}")
         if self.batch_size < 1:
@@ -76,40 +71,51 @@ class TrainConfig:
                 raise KDError(f"--{key.replace('_', '-')} must be one of {', '.join(allowed)}, got '{getattr(self, key)}'")
         if self.mixup < 0 or self.cutmix < 0 or self.cutout < 0:
             raise KDError("--mixup, --cutmix (Beta parameters) and --cutout (pixels) must be >= 0 (0: off)")
-        if self.temperature is not None and self.temperature <= 0:
-            raise KDError(f"--temperature must be positive, got {self.temperature}")
-        if not 0.0 <= self.hard_weight <= 1.0:
-            raise KDError(f"--hard-weight must lie in [0, 1], got {self.hard_weight}")
         return self
 
     def source_options(self) -> dict[str, Any]:
-        """The options a target source is built with (None: the source's own default)."""
-        return {k: getattr(self, k) for k in SOURCE_OPTIONS}
+        """The options a target source is built with (absent: the source's own default)."""
+        return dict(self.options)
+
+    def with_options(self, **options: Any) -> "TrainConfig":
+        """A copy with these source options set (None removes one)."""
+        merged = {**self.options, **options}
+        return replace(self, options={k: v for k, v in merged.items() if v is not None})
 
     def to_dict(self) -> dict[str, Any]:
+        """Fields and source options as one flat mapping of keys (the YAML form)."""
         d = asdict(self)
         d["milestones"] = list(self.milestones)
-        return d
+        return {**{k: v for k, v in d.items() if k != "options"}, **self.options}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], where: str = "config") -> "TrainConfig":
-        return cls().updated(d, where)
+    def from_dict(cls, d: dict[str, Any], where: str = "config", option_names=()) -> "TrainConfig":
+        return cls().updated(d, where, option_names)
 
-    def updated(self, d: dict[str, Any], where: str = "config") -> "TrainConfig":
-        """A copy with the keys of ``d`` (dashes or underscores) replacing these values."""
-        known = {f.name: f for f in fields(self)}
-        values = self.to_dict()
+    def updated(self, d: dict[str, Any], where: str = "config", option_names=()) -> "TrainConfig":
+        """A copy with the keys of ``d`` (dashes or underscores) replacing these values; keys in
+        ``option_names`` (the source table's options) set source options, any other key is refused."""
+        known = {f.name: f for f in fields(self) if f.name != "options"}
+        values = {k: getattr(self, k) for k in known}
+        options = dict(self.options)
         for key, value in d.items():
             k = str(key).replace("-", "_")
-            if k not in known:
-                raise KDError(f"{where}: unknown key '{key}'; valid keys are {', '.join(known)}")
-            values[k] = value
+            if k in known:
+                values[k] = value
+            elif k in option_names:
+                if value is None:
+                    options.pop(k, None)
+                else:
+                    options[k] = value
+            else:
+                raise KDError(f"{where}: unknown key '{key}'; valid keys are {', '.join([*known, *option_names])}")
         values["milestones"] = tuple(values["milestones"])
+        values["options"] = options
         try:
             out = type(self)(**values)
             for f in fields(out):  # coerce YAML scalars (e.g. "1e-3" strings) to the field's type
                 v = getattr(out, f.name)
-                default = getattr(type(self)(), f.name)
+                default = getattr(type(self)(), f.name)  # (source options are checked by their source)
                 if v is not None and isinstance(default, (int, float)) and not isinstance(default, bool):
                     setattr(out, f.name, type(default)(v))
         except (TypeError, ValueError) as e:

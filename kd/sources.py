@@ -18,6 +18,70 @@ from kd.errors import KDError
 from kd.losses import soft_cross_entropy
 
 
+@dataclass(frozen=True)
+class Option:
+    """A setting a source reads, declared once on the source: its name is the YAML key and, with
+    dashes, the CLI flag; ``check`` is the one place its type and bounds are enforced (sources call
+    it when they are built, whichever way the value came: flag, YAML key, SPEC argument or API).
+
+    ``default`` None means the source decides at build time (a proxy takes its artifact's alpha).
+    Bounds are ``low``/``high``, open or closed.
+    """
+
+    name: str
+    help: str
+    default: Any = None
+    type: type = float
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def bounds(self) -> str:
+        """The allowed range in words: "in (0, 1)", "positive", "non-negative", "> 2" or ""."""
+        if self.low is not None and self.high is not None:
+            return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        if self.low == 0:
+            return "positive" if self.low_open else "non-negative"
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        if self.high is not None:
+            return f"{'<' if self.high_open else '<='} {self.high:g}"
+        return ""
+
+    def check(self, value: Any, source: str = "") -> Any:
+        """``value`` as the option's type, or a one-line KDError saying what is allowed."""
+        who = f" for '{source}'" if source else ""
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            v = self.type(value)
+        except (TypeError, ValueError):
+            raise KDError(f"{self.flag}{who} takes a number, got {value!r}") from None
+        low_bad = self.low is not None and (v <= self.low if self.low_open else v < self.low)
+        high_bad = self.high is not None and (v >= self.high if self.high_open else v > self.high)
+        if low_bad or high_bad or v != v:
+            raise KDError(f"{self.flag} must lie {self.bounds()}{who}, got {value}" if self.low is not None
+                          and self.high is not None else f"{self.flag} must be {self.bounds()}{who}, got {value}")
+        return v
+
+    def describe(self) -> str:
+        """The help line: what it does, its default and its range."""
+        extra = [f"default {self.default:g}" if isinstance(self.default, (int, float)) else "",
+                 self.bounds()]
+        extra = [e for e in extra if e]
+        return self.help + (f" ({'; '.join(extra)})" if extra else "")
+
+
+def fraction(name: str, help: str, default: float | None = 0.1) -> Option:
+    """An option that lies strictly between 0 and 1 (alpha: a share of the target's mass)."""
+    return Option(name, help, default, float, 0.0, 1.0, True, True)
+
+
 @dataclass
 class SourceContext:
     """What a source may need to build itself from a SPEC argument (see :meth:`TargetSource.from_spec`).
@@ -65,14 +129,41 @@ class TargetSource(nn.Module):
     needs_index: ClassVar[bool] = False
     #: For ``needs_index`` sources: True when ``index`` may be a ``kd.augment.MixedIndex`` (mixup/cutmix).
     mixes_index: ClassVar[bool] = False
-    #: Options the source reads from ``SourceContext.options``: name -> help with its default.
-    options: ClassVar[dict[str, str]] = {}
+    #: Options the source reads from ``SourceContext.options`` (CLI flags, YAML keys and checks come from these).
+    options: ClassVar[tuple[Option, ...]] = ()
     #: True when the engine must call :meth:`on_step` after every training step (stateful sources).
     observes_steps: ClassVar[bool] = False
 
     def __init__(self, num_classes: int):
         super().__init__()
         self.num_classes = int(num_classes)
+
+    @classmethod
+    def option(cls, name: str) -> Option:
+        """The declared option ``name`` (a KeyError is a programming error: the source reads what it declares)."""
+        return next(o for o in cls.options if o.name == name)
+
+    @classmethod
+    def value(cls, ctx: "SourceContext", name: str) -> Any:
+        """Option ``name`` from the context, or its declared default."""
+        return ctx.option(name, cls.option(name).default)
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Each declared option's default."""
+        return {o.name: o.default for o in cls.options}
+
+    @classmethod
+    def given_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        """The source's options with defaults filled in; an option given a value that this source does not
+        declare is a one-line KDError (a flag meant for another source is a mistake, not a no-op)."""
+        declared = {o.name for o in cls.options}
+        stray = sorted(k for k, v in options.items() if v is not None and k not in declared)
+        if stray:
+            flags = ", ".join(o.flag for o in cls.options) or "none"
+            raise KDError(f"source '{cls.name}' has no option --{stray[0].replace('_', '-')} (its options: {flags}); "
+                          f"drop it")
+        return {**cls.defaults(), **{k: v for k, v in options.items() if v is not None}}
 
     @classmethod
     def from_spec(cls, arg: str, ctx: SourceContext) -> "TargetSource":
@@ -139,18 +230,14 @@ class TargetSource(nn.Module):
         return {"ce": soft_cross_entropy(logits, t)}
 
 
-def option_alpha(ctx: SourceContext, arg: str = "", default: float = 0.1, what: str = "alpha") -> float:
-    """alpha from a SPEC argument ("ls:0.2") or the options, checked to lie in (0, 1)."""
-    value: Any = ctx.option("alpha", default)
-    if arg:
-        try:
-            value = float(arg)
-        except ValueError:
-            raise KDError(f"bad {what} '{arg}': give a number, e.g. 0.1") from None
-    value = float(value)
-    if not 0.0 < value < 1.0:
-        raise KDError(f"alpha must lie in (0, 1), got {value}")
-    return value
+def spec_number(arg: str, ctx: SourceContext, option: Option, source: str) -> Any:
+    """An option's value from a SPEC argument (``ls:0.2``) when there is one, else from the options."""
+    if not arg:
+        return ctx.option(option.name, option.default)
+    try:
+        return float(arg)
+    except ValueError:
+        raise KDError(f"bad teacher '{source}:{arg}': give a number, e.g. {source}:0.1") from None
 
 
 class TableSource(TargetSource):

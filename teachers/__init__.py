@@ -12,7 +12,7 @@ import warnings
 from importlib.metadata import entry_points
 
 from kd.errors import KDError
-from kd.sources import SourceContext, TargetSource
+from kd.sources import Option, SourceContext, TargetSource
 from teachers.cached import CachedTeacher
 from teachers.focal import AdaptiveFocalLoss, FocalLoss
 from teachers.lspp import LSPPLoss
@@ -63,6 +63,42 @@ def _discover() -> dict[str, type[TargetSource]]:
 SOURCES: dict[str, type[TargetSource]] = _discover()
 
 
+def option_table(sources=None) -> dict[str, list[tuple[type[TargetSource], Option]]]:
+    """Option name -> the sources declaring it, with each one's declaration: CLI flags and YAML keys come from here.
+
+    An option declared by several sources must have one type (it is one flag); a plug-in that declares a
+    known name with another type has that option ignored, with a warning.
+    """
+    table: dict[str, list[tuple[type[TargetSource], Option]]] = {}
+    for cls in (SOURCES.values() if sources is None else sources):
+        for opt in cls.options:
+            uses = table.setdefault(opt.name, [])
+            if uses and uses[0][1].type is not opt.type:
+                warnings.warn(f"source '{cls.name}' declares option '{opt.name}' as {opt.type.__name__}, but "
+                              f"'{uses[0][0].name}' declares it as {uses[0][1].type.__name__}; ignored for '{cls.name}'")
+                continue
+            uses.append((cls, opt))
+    return table
+
+
+def option_names() -> tuple[str, ...]:
+    """Every source option's name: the config keys a run may carry besides TrainConfig's own fields."""
+    return tuple(option_table())
+
+
+def check_options(source_name: str, options: dict, label_only: bool = False) -> None:
+    """Refuse (one line) options that source ``source_name`` does not take, before a run starts."""
+    _lookup(source_name, label_only).given_options(options)
+
+
+def declared_options(source_name: str, options: dict) -> dict:
+    """The options among ``options`` that source ``source_name`` declares (a run directory's config.yaml
+    from before sources declared their options lists every option key; resuming it keeps its source's)."""
+    cls = SOURCES.get(source_name)
+    names = {o.name for o in cls.options} if cls is not None else set()
+    return {k: v for k, v in options.items() if k in names}
+
+
 def label_methods() -> list[str]:
     """Sources built from labels alone: what `kd train-teacher --method` accepts."""
     return [name for name, cls in SOURCES.items() if cls.label_only]
@@ -98,7 +134,7 @@ def make_source(name: str, num_classes: int, *, arg: str = "", dataset: str | No
     ``label_only`` only the sources that train from labels alone are accepted.
     """
     cls = _lookup(name, label_only)
-    ctx = SourceContext(int(num_classes), dataset, num_train, dict(options), info)
+    ctx = SourceContext(int(num_classes), dataset, num_train, cls.given_options(options), info)
     return cls.from_spec(arg, ctx)
 
 
@@ -116,4 +152,4 @@ def label_source(method: str, num_classes: int, alpha: float | None = None) -> T
 
 
 __all__ = ["SOURCES", "DEFAULT_ALPHA", "make_source", "teacher_from_spec", "label_source", "label_methods",
-           "spec_help", "SourceContext", "TargetSource"]
+           "spec_help", "option_table", "option_names", "check_options", "SourceContext", "TargetSource", "Option"]

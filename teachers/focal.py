@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from kd.errors import KDError
-from kd.sources import SourceContext, TargetSource, label_matrix
+from kd.sources import Option, SourceContext, TargetSource, label_matrix
 
 _TINY = torch.finfo(torch.float32).tiny
 
@@ -36,19 +36,17 @@ class FocalLoss(TargetSource):
     name = "fl-3"
     summary = "focal loss -(1 - p_y)^gamma log p_y (Mukhoti et al. 2020; --gamma, default 3)"
     label_only = True
-    options = {"gamma": "focusing exponent of (1 - p_y) (default 3)"}
+    options = (Option("gamma", "focusing exponent of (1 - p_y)", 3.0, low=0.0),)
 
     @classmethod
     def from_spec(cls, arg: str, ctx: SourceContext) -> "FocalLoss":
         if arg:
             raise KDError(f"teacher '{cls.name}' takes no argument, got '{cls.name}:{arg}'; use --gamma")
-        return cls(ctx.num_classes, ctx.option("gamma", 3.0))
+        return cls(ctx.num_classes, cls.value(ctx, "gamma"))
 
     def __init__(self, num_classes: int, gamma: float = 3.0):
         super().__init__(num_classes)
-        self.gamma = float(gamma)
-        if not self.gamma >= 0.0:
-            raise KDError(f"fl-3: --gamma must be non-negative, got {self.gamma}")
+        self.gamma = FocalLoss.option("gamma").check(gamma, self.name)
 
     def targets(self, labels, *, inputs=None, index=None):
         """onehot(y) (or m): focal loss reweights the CE against the labels, it has no other target."""
@@ -71,7 +69,7 @@ class AdaptiveFocalLoss(FocalLoss):
 
     name = "flsd-53"
     summary = "sample-dependent focal loss: gamma 5 where p_y < 0.2, else 3 (Mukhoti et al. 2020)"
-    options = {}
+    options = ()
 
     @classmethod
     def from_spec(cls, arg: str, ctx: SourceContext) -> "AdaptiveFocalLoss":

@@ -22,15 +22,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from kd import runs
-from kd.errors import KDError
-from kd.sources import SourceContext, TargetSource, option_alpha
-
-
-def _check_alpha(alpha: float) -> float:
-    alpha = float(alpha)
-    if not 0.0 < alpha < 1.0:
-        raise KDError(f"alpha must lie in (0, 1), got {alpha}; LS++ uses 0.1 by default")
-    return alpha
+from kd.sources import SourceContext, TargetSource, fraction, spec_number
 
 
 class LSPPLoss(TargetSource):
@@ -40,11 +32,11 @@ class LSPPLoss(TargetSource):
     summary = "Label Smoothing++: targets (1 - alpha) onehot + alpha C[y], C learned with the network (--alpha, default 0.1)"
     spec_arg = "[ALPHA]"
     label_only = True
-    options = {"alpha": "weight of the learned C in the target (default 0.1; lspp:ALPHA also sets it)"}
+    options = (fraction("alpha", "weight of the learned C in the target (a SPEC's :ALPHA also sets it)"),)
 
     @classmethod
     def from_spec(cls, arg: str, ctx: SourceContext) -> "LSPPLoss":
-        return cls(ctx.num_classes, option_alpha(ctx, arg, what="'lspp:ALPHA'"))
+        return cls(ctx.num_classes, spec_number(arg, ctx, cls.option("alpha"), cls.name))
 
     def write_artifacts(self, run_dir, class_names, meta) -> None:
         """The learned C-matrix, for `--teacher proxy:RUN_DIR`."""
@@ -58,7 +50,7 @@ class LSPPLoss(TargetSource):
 
     @classmethod
     def stand_in(cls, ctx: SourceContext) -> "LSPPLoss":
-        return cls(ctx.num_classes, ctx.option("alpha", 0.1), fused=ctx.options.get("fused", True))
+        return cls(ctx.num_classes, cls.value(ctx, "alpha"), fused=ctx.option("fused", True))
 
     def __init__(self, num_classes: int, alpha: float = 0.1, fused: bool = True):
         """``fused`` picks how the two terms are computed: the one-node :class:`_LSPPTerms`
@@ -67,7 +59,7 @@ class LSPPLoss(TargetSource):
         if num_classes < 2:
             raise ValueError("LS++ needs at least 2 classes")
         super().__init__(num_classes)
-        self.alpha = _check_alpha(alpha)
+        self.alpha = self.option("alpha").check(alpha, self.name)
         self.fused = bool(fused)
         k = self.num_classes
         self.c_logits = nn.Parameter(torch.zeros(k, k - 1))

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from kd import runs
 from kd.errors import KDError
-from kd.sources import SourceContext, option_alpha
+from kd.sources import SourceContext
 from teachers.lspp import LSPPLoss
 
 
@@ -58,17 +58,13 @@ class _LSPPAblation(LSPPLoss):
     label_only = True
 
     @classmethod
-    def from_spec(cls, arg: str, ctx: SourceContext) -> "_LSPPAblation":
-        return cls(ctx.num_classes, option_alpha(ctx, arg, what=f"'{cls.name}:ALPHA'"))
-
-    @classmethod
     def bench_rows(cls):
         """One `kd bench` row, the plain-autograd loss (there is no fused form)."""
         return {cls.name: {}}
 
     @classmethod
     def stand_in(cls, ctx: SourceContext) -> "_LSPPAblation":
-        return cls(ctx.num_classes, ctx.option("alpha", 0.1))
+        return cls(ctx.num_classes, cls.value(ctx, "alpha"))
 
     def __init__(self, num_classes: int, alpha: float = 0.1):
         super().__init__(num_classes, alpha, fused=False)
@@ -89,7 +85,6 @@ class LSPPCrossEntropy(_LSPPAblation):
     name = "lspp-ce"
     summary = ("LS++ ablation (paper Table 5, CE): H(t, p) trains both the network and C, "
                "no stop-gradient (--alpha, default 0.1)")
-    options = {"alpha": "weight of the learned C in the target (default 0.1; lspp-ce:ALPHA also sets it)"}
 
     def loss_terms(self, logits, labels, *, inputs=None, index=None):
         log_p = F.log_softmax(logits.float(), dim=1)
@@ -107,7 +102,6 @@ class LSPPSymmetricCrossEntropy(_LSPPAblation):
     name = "lspp-sce"
     summary = ("LS++ ablation (paper Table 5, SCE-Original): 1/2 [H(t, p) + H(p, t)], both terms train "
                "the network and C (--alpha, default 0.1)")
-    options = {"alpha": "weight of the learned C in the target (default 0.1; lspp-sce:ALPHA also sets it)"}
 
     def loss_terms(self, logits, labels, *, inputs=None, index=None):
         forward, reverse = cross_entropies(logits, self.log_target_table(), labels)

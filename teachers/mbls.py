@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from kd.errors import KDError
 from kd.losses import soft_cross_entropy
-from kd.sources import SourceContext, TargetSource, label_matrix
+from kd.sources import Option, SourceContext, TargetSource, label_matrix
 
 
 class MarginLabelSmoothing(TargetSource):
@@ -24,22 +24,19 @@ class MarginLabelSmoothing(TargetSource):
     summary = ("margin-based label smoothing: CE + alpha/K sum relu(max logit - logit - margin) "
                "(Liu et al. 2022; --alpha 0.1, --margin 10)")
     label_only = True
-    options = {"alpha": "weight of the logit-margin penalty (default 0.1)",
-               "margin": "logit gaps to the largest logit up to this are free (default 10)"}
+    options = (Option("alpha", "weight of the logit-margin penalty", 0.1, low=0.0, low_open=True),
+               Option("margin", "logit gaps to the largest logit up to this are free", 10.0, low=0.0))
 
     @classmethod
     def from_spec(cls, arg: str, ctx: SourceContext) -> "MarginLabelSmoothing":
         if arg:
             raise KDError(f"teacher 'mbls' takes no argument, got 'mbls:{arg}'; use --alpha and --margin")
-        return cls(ctx.num_classes, ctx.option("alpha", 0.1), ctx.option("margin", 10.0))
+        return cls(ctx.num_classes, cls.value(ctx, "alpha"), cls.value(ctx, "margin"))
 
     def __init__(self, num_classes: int, alpha: float = 0.1, margin: float = 10.0):
         super().__init__(num_classes)
-        self.alpha, self.margin = float(alpha), float(margin)
-        if not self.alpha > 0.0:
-            raise KDError(f"mbls: alpha must be positive, got {self.alpha}")
-        if not self.margin >= 0.0:
-            raise KDError(f"mbls: --margin must be non-negative, got {self.margin}")
+        self.alpha = self.option("alpha").check(alpha, self.name)
+        self.margin = self.option("margin").check(margin, self.name)
 
     def targets(self, labels, *, inputs=None, index=None):
         """onehot(y) (or m): the CE's target; the margin term has no target distribution."""

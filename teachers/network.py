@@ -15,7 +15,7 @@ from kd import runs
 from kd.errors import KDError
 from kd.losses import hinton_kd_loss, soft_cross_entropy
 from kd.models import create_model
-from kd.sources import SourceContext, TargetSource
+from kd.sources import Option, SourceContext, TargetSource
 
 
 class NetworkTeacher(TargetSource):
@@ -26,13 +26,15 @@ class NetworkTeacher(TargetSource):
                "--temperature for Hinton's loss)")
     spec_arg = "RUN_DIR"
     needs_inputs = True
-    options = {"temperature": "use Hinton's KD loss at temperature T (default: CE on the teacher's probabilities)",
-               "hard_weight": "Hinton KD: weight w of the hard-label CE, (1 - w) on the soft term (default 0)"}
+    options = (Option("temperature", "use Hinton's KD loss at temperature T (unset: CE on the teacher's probabilities)",
+                      None, low=0.0, low_open=True),
+               Option("hard_weight", "Hinton KD: weight w of the hard-label CE, (1 - w) on the soft term", 0.0,
+                      low=0.0, high=1.0))
 
     @classmethod
     def from_spec(cls, arg: str, ctx: SourceContext) -> "NetworkTeacher":
         model, affine = load_checked_teacher(cls.name, arg, ctx)
-        return cls(model, ctx.num_classes, ctx.option("temperature"), ctx.option("hard_weight", 0.0), affine)
+        return cls(model, ctx.num_classes, cls.value(ctx, "temperature"), cls.value(ctx, "hard_weight"), affine)
 
     @classmethod
     def stand_in(cls, ctx: SourceContext) -> "NetworkTeacher":
@@ -46,8 +48,8 @@ class NetworkTeacher(TargetSource):
         self.teacher = teacher.eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
-        self.temperature = temperature
-        self.hard_weight = float(hard_weight)
+        self.temperature = None if temperature is None else type(self).option("temperature").check(temperature, self.name)
+        self.hard_weight = NetworkTeacher.option("hard_weight").check(hard_weight, self.name)
         if input_affine is not None:  # maps the student's normalised inputs to the teacher's
             self.register_buffer("in_scale", input_affine[0], persistent=False)
             self.register_buffer("in_shift", input_affine[1], persistent=False)

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 from kd import runs
 from kd.errors import KDError
-from kd.sources import SourceContext, TableSource, TargetSource
+from kd.sources import SourceContext, TableSource, TargetSource, fraction
 
 TOPK_FORMAT = "proxykd-c-matrix-topk-v1"
 
@@ -35,13 +35,13 @@ class ProxyTeacher(TableSource):
     name = "proxy"
     summary = "PT-LS++: a frozen C-matrix (a c_matrix.safetensors, or an LS++ run directory holding one)"
     spec_arg = "PATH"
-    options = {"alpha": "weight of C in the target (default: the alpha the C-matrix records)"}
+    options = (fraction("alpha", "weight of C in the target (unset: the alpha the C-matrix records)", None),)
 
     @classmethod
     def from_spec(cls, arg: str, ctx: SourceContext) -> "ProxyTeacher":
         if not arg:
             raise KDError("teacher 'proxy' needs a path: proxy:PATH (a c_matrix.safetensors or an LS++ run directory)")
-        src = load_proxy(arg, alpha=ctx.option("alpha"), num_classes=ctx.num_classes)
+        src = load_proxy(arg, alpha=cls.value(ctx, "alpha"), num_classes=ctx.num_classes)
         ds = src.meta.get("dataset")
         if ds and ctx.dataset and ds != ctx.dataset:
             raise KDError(f"{arg}: the C-matrix was made on data set '{ds}', not '{ctx.dataset}'")
@@ -54,6 +54,7 @@ class ProxyTeacher(TableSource):
         return cls(c.div_(c.sum(1, keepdim=True)), ctx.option("alpha", 0.1))  # in place: K x K is 1.9 GB at K=21,841
 
     def __init__(self, c_matrix: torch.Tensor, alpha: float = 0.1, meta: dict | None = None):
+        alpha = self.option("alpha").check(alpha, self.name)
         c = torch.as_tensor(c_matrix, dtype=torch.float32)
         # kd.sources.proxy_table((1 - alpha) I + alpha C), bit for bit, without its two extra K x K temporaries
         table = c * float(alpha)
@@ -84,11 +85,9 @@ def load_proxy(path: str | Path, alpha: float | None = None,
     a = alpha if alpha is not None else meta.get("alpha")
     if a is None:
         raise KDError(f"{path} records no alpha; pass --alpha")
-    if not 0.0 < float(a) < 1.0:
-        raise KDError(f"alpha must lie in (0, 1), got {a}")
     if meta.get("format") == TOPK_FORMAT:
-        return TopKProxy(values, indices, float(a), meta)
-    return ProxyTeacher(c, float(a), meta)
+        return TopKProxy(values, indices, a, meta)
+    return ProxyTeacher(c, a, meta)
 
 
 # ---- sparse (top-k) proxies ---------------------------------------------------------------
@@ -257,7 +256,7 @@ class TopKProxy(TargetSource):
             raise ValueError(f"values and indices must both be K x k, got {tuple(values.shape)} and {tuple(indices.shape)}")
         super().__init__(values.shape[0])
         self.top_k = values.shape[1]
-        self.alpha = float(alpha)
+        self.alpha = self.option("alpha").check(alpha, self.name)
         self.meta = dict(meta or {})
         self.register_buffer("c_values", values.clone(), persistent=False)
         self.register_buffer("c_indices", indices.clone(), persistent=False)

@@ -1,7 +1,7 @@
 """Label smoothing: alpha spread uniformly over all K classes, as torch's ``label_smoothing``."""
 from __future__ import annotations
 
-from kd.sources import SourceContext, TableSource, option_alpha, smoothing_table
+from kd.sources import SourceContext, TableSource, fraction, smoothing_table, spec_number
 
 
 class LabelSmoothing(TableSource):
@@ -17,12 +17,13 @@ class LabelSmoothing(TableSource):
     summary = "label smoothing: alpha spread uniformly over the K classes (ls:ALPHA or --alpha, default 0.1)"
     spec_arg = "[ALPHA]"
     label_only = True
-    options = {"alpha": "mass spread uniformly (default 0.1; ls:ALPHA also sets it)"}
+    options = (fraction("alpha", "mass spread uniformly (ls:ALPHA also sets it)"),)
 
     @classmethod
     def from_spec(cls, arg: str, ctx: SourceContext) -> "LabelSmoothing":
-        return cls(ctx.num_classes, option_alpha(ctx, arg, what="teacher 'ls:ALPHA'"))
+        return cls(ctx.num_classes, spec_number(arg, ctx, cls.option("alpha"), cls.name))
 
     def __init__(self, num_classes: int, alpha: float = 0.1):
+        alpha = self.option("alpha").check(alpha, self.name)
         super().__init__(smoothing_table(num_classes, alpha))
-        self.alpha = float(alpha)
+        self.alpha = alpha

@@ -15,23 +15,23 @@ import torch.nn.functional as F
 
 from kd.errors import KDError
 from kd.losses import soft_cross_entropy
-from kd.sources import SourceContext, TargetSource, label_matrix
+from kd.sources import Option, SourceContext, TargetSource, fraction, label_matrix
 from teachers.network import NetworkTeacher, load_checked_teacher
 
 #: p^d: the virtual teacher's probability on the true class (the official ``correct_prob``).
 CORRECT_PROB = 0.99
 
 
-def _check(name: str, alpha: float, temperature: float, multiplier: float) -> tuple[float, float, float]:
-    """The three Tf-KD options as floats, each checked with a one-line KDError."""
-    alpha, temperature, multiplier = float(alpha), float(temperature), float(multiplier)
-    if not 0.0 < alpha < 1.0:
-        raise KDError(f"{name}: alpha must lie in (0, 1), got {alpha}")
-    if not temperature > 0.0:
-        raise KDError(f"{name}: --temperature must be positive, got {temperature}")
-    if not multiplier > 0.0:
-        raise KDError(f"{name}: --multiplier must be positive, got {multiplier}")
-    return alpha, temperature, multiplier
+def _options(alpha: float, temperature: float, multiplier: float, what: str) -> tuple[Option, ...]:
+    """Tf-KD's three options with one variant's defaults."""
+    return (fraction("alpha", f"weight of the {what} KL, (1 - alpha) on CE", alpha),
+            Option("temperature", f"temperature of the {what} softmax", temperature, low=0.0, low_open=True),
+            Option("multiplier", f"scale of the {what} KL", multiplier, low=0.0, low_open=True))
+
+
+def _checked(cls, alpha, temperature, multiplier) -> tuple[float, float, float]:
+    return tuple(cls.option(n).check(v, cls.name) for n, v in
+                 (("alpha", alpha), ("temperature", temperature), ("multiplier", multiplier)))
 
 
 def _label_ce(z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -54,23 +54,20 @@ class TfKDRegularization(TargetSource):
     summary = ("Tf-KD regularisation: (1 - alpha) CE + alpha*multiplier/K KL(virtual teacher || p) "
                "(Yuan et al. 2020; --alpha 0.1, --temperature 20, --multiplier 100)")
     label_only = True
-    options = {"alpha": "weight of the virtual-teacher KL, (1 - alpha) on CE (default 0.1)",
-               "temperature": "temperature of the virtual teacher softmax(p^d / T) (default 20)",
-               "multiplier": "scale of the virtual-teacher KL (default 100)"}
+    options = _options(0.1, 20.0, 100.0, "virtual-teacher")
 
     @classmethod
     def from_spec(cls, arg: str, ctx: SourceContext) -> "TfKDRegularization":
         if arg:
             raise KDError(f"teacher 'tfkd-reg' takes no argument, got 'tfkd-reg:{arg}'; "
                           "use --alpha, --temperature, --multiplier")
-        return cls(ctx.num_classes, ctx.option("alpha", 0.1), ctx.option("temperature", 20.0),
-                   ctx.option("multiplier", 100.0))
+        return cls(ctx.num_classes, *(cls.value(ctx, n) for n in ("alpha", "temperature", "multiplier")))
 
     def __init__(self, num_classes: int, alpha: float = 0.1, temperature: float = 20.0, multiplier: float = 100.0):
         if num_classes < 2:
             raise KDError(f"tfkd-reg needs at least 2 classes, got {num_classes}")
         super().__init__(num_classes)
-        self.alpha, self.temperature, self.multiplier = _check("tfkd-reg", alpha, temperature, multiplier)
+        self.alpha, self.temperature, self.multiplier = _checked(type(self), alpha, temperature, multiplier)
         self.kl_weight = self.alpha * self.multiplier / self.num_classes
 
     def virtual_teacher(self, labels: torch.Tensor) -> torch.Tensor:
@@ -130,26 +127,22 @@ class TfKDSelf(NetworkTeacher):
     spec_arg = "RUN_DIR"
     label_only = False
     needs_inputs = True
-    options = {"alpha": "weight of the distillation KL, (1 - alpha) on CE (default 0.95)",
-               "temperature": "distillation temperature T of teacher and student (default 6)",
-               "multiplier": "scale of the distillation KL (default 50)"}
+    options = _options(0.95, 6.0, 50.0, "distillation")
 
     @classmethod
     def from_spec(cls, arg: str, ctx: SourceContext) -> "TfKDSelf":
         model, affine = load_checked_teacher(cls.name, arg, ctx)
-        return cls(model, ctx.num_classes, ctx.option("alpha", 0.95), ctx.option("temperature", 6.0),
-                   ctx.option("multiplier", 50.0), affine)
+        return cls(model, ctx.num_classes, *(cls.value(ctx, n) for n in ("alpha", "temperature", "multiplier")), affine)
 
     @classmethod
     def stand_in(cls, ctx: SourceContext) -> "TfKDSelf":
         """The bench's teacher model when it built one (its ``network`` row), else a random linear teacher."""
         teacher = ctx.teacher_model if ctx.teacher_model is not None else _LinearStandIn(ctx.num_classes)
-        return cls(teacher, ctx.num_classes, ctx.option("alpha", 0.95), ctx.option("temperature", 6.0),
-                   ctx.option("multiplier", 50.0))
+        return cls(teacher, ctx.num_classes, *(cls.value(ctx, n) for n in ("alpha", "temperature", "multiplier")))
 
     def __init__(self, teacher: nn.Module, num_classes: int, alpha: float = 0.95, temperature: float = 6.0,
                  multiplier: float = 50.0, input_affine: tuple[torch.Tensor, torch.Tensor] | None = None):
-        alpha, temperature, multiplier = _check("tfkd-self", alpha, temperature, multiplier)
+        alpha, temperature, multiplier = _checked(type(self), alpha, temperature, multiplier)
         super().__init__(teacher, num_classes, temperature, 0.0, input_affine)
         self.alpha, self.multiplier = alpha, multiplier
         self.kl_weight = alpha * temperature * temperature * multiplier / self.num_classes

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from kd.errors import KDError
 from kd.losses import soft_cross_entropy
-from kd.sources import SourceContext, TargetSource, label_matrix
+from kd.sources import Option, SourceContext, TargetSource, label_matrix
 
 
 def zipf_ranks(logits: torch.Tensor) -> torch.Tensor:
@@ -34,24 +34,22 @@ class ZipfLabelSmoothing(TargetSource):
     summary = ("Zipf's label smoothing: CE + alpha KL(Zipf over the logits' ranks || non-target softmax) "
                "(Liang et al. 2022; --alpha 0.1, --power 1)")
     label_only = True
-    options = {"alpha": "weight lambda of the Zipf KL term (default 0.1)",
-               "power": "Zipf exponent: non-target class of rank r gets r^-power before renormalising (default 1)"}
+    options = (Option("alpha", "weight lambda of the Zipf KL term", 0.1, low=0.0, low_open=True),
+               Option("power", "Zipf exponent: the non-target class of rank r gets r^-power before renormalising",
+                      1.0, low=0.0, low_open=True))
 
     @classmethod
     def from_spec(cls, arg: str, ctx: SourceContext) -> "ZipfLabelSmoothing":
         if arg:
             raise KDError(f"teacher 'zipf-ls' takes no argument, got 'zipf-ls:{arg}'; use --alpha and --power")
-        return cls(ctx.num_classes, ctx.option("alpha", 0.1), ctx.option("power", 1.0))
+        return cls(ctx.num_classes, cls.value(ctx, "alpha"), cls.value(ctx, "power"))
 
     def __init__(self, num_classes: int, alpha: float = 0.1, power: float = 1.0):
         if num_classes < 2:
             raise KDError(f"zipf-ls needs at least 2 classes, got {num_classes}")
         super().__init__(num_classes)
-        self.alpha, self.power = float(alpha), float(power)
-        if not self.alpha > 0.0:
-            raise KDError(f"zipf-ls: alpha must be positive, got {self.alpha}")
-        if not self.power > 0.0:
-            raise KDError(f"zipf-ls: --power must be positive, got {self.power}")
+        self.alpha = self.option("alpha").check(alpha, self.name)
+        self.power = self.option("power").check(power, self.name)
         k = self.num_classes
         offdiag = ~torch.eye(k, dtype=torch.bool)
         # Row y: the K-1 classes other than y, in order.

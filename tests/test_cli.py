@@ -107,12 +107,15 @@ def test_cli_error_has_no_traceback_through_a_real_process(tmp_path):
 
 
 def test_paper_recipes_are_valid_configs():
+    import teachers
     from kd.config import TrainConfig, load_yaml_config
 
     files = sorted((ROOT / "configs" / "paper").rglob("*.yaml"))
     assert len(files) == 43
     for f in files:
-        cfg = TrainConfig.from_dict(load_yaml_config(f), where=str(f)).validate()
+        cfg = TrainConfig.from_dict(load_yaml_config(f), where=str(f), option_names=teachers.option_names()).validate()
+        source = cfg.teacher.partition(":")[0] if cfg.teacher else cfg.method
+        teachers.check_options(source, cfg.options)
         assert cfg.epochs == 200 and cfg.dataset in ("cifar100", "tinyimagenet")
         if f.name.startswith("student-"):
             kind, _, path = cfg.teacher.partition(":")

@@ -86,7 +86,7 @@ def random_stochastic(k, seed):
 def test_registered_as_a_label_only_stateful_source():
     assert SOURCES["ols"] is OnlineLabelSmoothing and "ols" in label_methods()
     src = make_source("ols", 10, label_only=True, alpha=None)
-    assert OnlineLabelSmoothing.observes_steps and src.options == {}
+    assert OnlineLabelSmoothing.observes_steps and src.options == ()
     assert torch.equal(src.table, torch.zeros(10, 10))
     with pytest.raises(KDError, match="takes no argument"):
         make_source("ols", 10, arg="0.3")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 
 import torch
 
@@ -13,7 +14,7 @@ from benchmarks.loader import loader_ratio
 from kd.app.demo import run_demo
 from kd.app.jobs import cache_job, distill_job, export_proxy_job, train_teacher_job
 from kd.app.sweep import run_sweep, summary_table
-from kd.config import SOURCE_OPTIONS, TrainConfig, load_yaml_config
+from kd.config import TrainConfig, load_yaml_config
 from kd.errors import KDError
 from kd.runs import check_new_file, launch_rank, resumable_config
 
@@ -74,30 +75,35 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
 
 
 def add_source_flags(p: argparse.ArgumentParser, sources) -> None:
-    """One flag per source option (--alpha, --temperature, ...); its help says what each source reads it as."""
-    g = p.add_argument_group("target source options (each source reads the ones it names; unset: its default)")
-    for opt in SOURCE_OPTIONS:
-        uses = [f"{cls.name}: {cls.options[opt]}" for cls in sources if opt in cls.options]
-        if uses:
-            g.add_argument("--" + opt.replace("_", "-"), type=float, default=S, help="; ".join(uses))
+    """One flag per option the sources declare (--alpha, --temperature, ...), typed and described by them."""
+    g = p.add_argument_group("target source options (each source takes the ones it names; unset: its default)")
+    for name, uses in teachers.option_table(sources).items():
+        g.add_argument(uses[0][1].flag, type=uses[0][1].type, default=S,
+                       help="; ".join(f"{cls.name}: {opt.describe()}" for cls, opt in uses))
 
 
 def config_from_args(args: argparse.Namespace, skip: tuple[str, ...] = ()) -> TrainConfig:
     cfg = TrainConfig()
     if getattr(args, "config", None):
-        cfg = cfg.updated(load_yaml_config(args.config), where=args.config)
+        cfg = cfg.updated(load_yaml_config(args.config), where=args.config, option_names=teachers.option_names())
+    names = teachers.option_names()
     given = {k: v for k, v in vars(args).items()
-             if k in TrainConfig.__dataclass_fields__ and k not in skip}
-    return cfg.updated(given, where="flags").validate()
+             if (k in TrainConfig.__dataclass_fields__ or k in names) and k not in skip and k != "options"}
+    return cfg.updated(given, where="flags", option_names=names).validate()
 
 
 def _train(args, student: bool) -> int:
     """`kd train-teacher` and `kd distill`: resolve the config, run the job, print the final metrics."""
     if args.resume:
-        if getattr(args, "config", None) or any(k in TrainConfig.__dataclass_fields__ and k != "lr" for k in vars(args)):
+        names = teachers.option_names()
+        if getattr(args, "config", None) or any((k in TrainConfig.__dataclass_fields__ or k in names) and k != "lr"
+                                                for k in vars(args)):
             raise KDError("--resume continues a run with its own config.yaml; give only --out (and --lr to lower "
                           "the learning rate, --quiet)")
-        cfg = TrainConfig.from_dict(resumable_config(args.out), where=f"{args.out}/config.yaml").validate()
+        cfg = TrainConfig.from_dict(resumable_config(args.out), where=f"{args.out}/config.yaml",
+                                    option_names=names).validate()
+        source = cfg.teacher.partition(":")[0] if student and cfg.teacher else cfg.method
+        cfg = replace(cfg, options=teachers.declared_options(source, cfg.options))
         if "lr" in vars(args):  # e.g. after a diverged epoch: continue from the last good checkpoint, slower
             cfg = cfg.updated({"lr": args.lr}).validate()
     else:
@@ -122,8 +128,6 @@ def _cmd_distill(args) -> int:
 
 
 def _cmd_proxy_export(args) -> int:
-    if args.alpha is not None and not 0 < args.alpha < 1:
-        raise KDError(f"--alpha must lie in (0, 1), got {args.alpha}")
     if args.top_k is not None and args.top_k < 1:
         raise KDError(f"--top-k must be at least 1, got {args.top_k}")
     out = export_proxy_job(args.run_dir, args.out, args.source, args.alpha, args.data_root, args.device, args.top_k)

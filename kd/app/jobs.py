@@ -20,7 +20,7 @@ from students import distill
 from teachers import DEFAULT_ALPHA, make_source, teacher_from_spec
 from teachers.cached import save_cache, save_topk_cache
 from teachers.network import load_teacher_network
-from teachers.proxy import check_top_k, measure_c_matrix, save_topk_c_matrix, top_k_rows
+from teachers.proxy import ProxyTeacher, check_top_k, measure_c_matrix, save_topk_c_matrix, top_k_rows
 
 
 def model_meta(cfg: TrainConfig, split: DataSplit, model_name: str) -> dict[str, Any]:
@@ -83,8 +83,8 @@ def train_teacher_job(cfg: TrainConfig, out: str | Path, progress: bool = True, 
     source = make_source(cfg.method, split.info.num_classes, label_only=True, dataset=split.info.name,
                          num_train=num_train, info=split.info, **cfg.source_options())
     name, model = build_model(cfg, split)
-    resolved = cfg.updated({"model": name, "alpha": getattr(source, "alpha", None)})
-    meta = {"kind": "teacher", "method": cfg.method, "alpha": resolved.alpha, **model_meta(cfg, split, name)}
+    resolved = cfg.updated({"model": name}).with_options(alpha=getattr(source, "alpha", None))
+    meta = {"kind": "teacher", "method": cfg.method, "alpha": resolved.options.get("alpha"), **model_meta(cfg, split, name)}
     with run_lock(out, runs.launch_rank()):  # a second run on the same --out refuses instead of interleaving
         run_dir = _start_or_continue(out, resolved, resume)
         return fit(model, source, split.train, split.test, resolved, info=split.info, run_dir=run_dir,
@@ -101,9 +101,9 @@ def distill_job(cfg: TrainConfig, out: str | Path, progress: bool = True, log=pr
     split, num_train, eval_name = load_split(cfg)
     teacher = teacher_from_spec(cfg.teacher, split.info, num_train, **cfg.source_options())
     name, student = build_model(cfg, split)
-    resolved = cfg.updated({"model": name, "alpha": getattr(teacher, "alpha", None)})
+    resolved = cfg.updated({"model": name}).with_options(alpha=getattr(teacher, "alpha", None))
     meta = {"kind": "student", "teacher": cfg.teacher, "teacher_kind": cfg.teacher.partition(":")[0],
-            "alpha": resolved.alpha, **model_meta(cfg, split, name)}
+            "alpha": resolved.options.get("alpha"), **model_meta(cfg, split, name)}
     with run_lock(out, runs.launch_rank()), warnings.catch_warnings():
         run_dir = _start_or_continue(out, resolved, resume)
         warnings.simplefilter("always")
@@ -135,6 +135,8 @@ def export_proxy_job(run_dir: str | Path, out: str | Path, source: str = "auto",
     run_dir, out = Path(run_dir), runs.check_new_file(out)
     if top_k is not None and top_k < 1:
         raise KDError(f"--top-k must be at least 1, got {top_k}")
+    if alpha is not None:  # before the pass over the data that a measured proxy takes
+        alpha = ProxyTeacher.option("alpha").check(alpha, "proxy")
     meta = runs.read_summary(run_dir)
     has_learned = (run_dir / runs.C_MATRIX).is_file()
     if source == "auto":

@@ -47,6 +47,7 @@ from typing import Any, Callable
 import pandas as pd
 import yaml
 
+import teachers
 from kd import runs
 from kd.config import TrainConfig, load_yaml_config
 from kd.errors import KDError
@@ -113,7 +114,12 @@ def load_sweep(path: str | Path) -> dict[str, Any]:
             if missing:
                 raise KDError(f"{where}: run '{run['run']}' has no seed {sorted(missing)[0]} to export")
         else:  # check config keys now, not halfway through the sweep
-            TrainConfig.from_dict({**spec["base"], **_config_keys(run, spec["runs_dir"], 0)}, where=where).validate()
+            cfg = TrainConfig.from_dict({**spec["base"], **_config_keys(run, spec["runs_dir"], 0)}, where=where,
+                                        option_names=teachers.option_names()).validate()
+            if run["verb"] == "train-teacher":
+                teachers.check_options(cfg.method, cfg.options, label_only=True)
+            elif cfg.teacher:
+                teachers.check_options(cfg.teacher.partition(":")[0], cfg.options)
     _check_acyclic(spec, names, path)
     return spec
 
@@ -253,7 +259,7 @@ class Plan:
             lr = self.chosen_lr(task.name)
             if lr is not None:
                 keys["lr"] = lr
-        return TrainConfig.from_dict(keys, where=f"{task.name}")
+        return TrainConfig.from_dict(keys, where=f"{task.name}", option_names=teachers.option_names())
 
     def asked(self, task: Task) -> dict[str, Any]:
         """The config values the sweep sets for ``task`` (the rest are defaults or resolved at run time)."""
@@ -276,7 +282,9 @@ def _check_same_config(task: Task, asked: dict[str, Any]) -> None:
         have = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError):
         raise KDError(f"{task.out} is finished but its {runs.CONFIG} cannot be read; move it aside to rerun it") from None
-    have = TrainConfig.from_dict({k: v for k, v in have.items() if k in TrainConfig.__dataclass_fields__}).to_dict()
+    names = teachers.option_names()
+    have = TrainConfig.from_dict({k: v for k, v in have.items() if k in TrainConfig.__dataclass_fields__ or k in names},
+                                 option_names=names).to_dict()
     for k, v in asked.items():
         if have.get(k) != v:
             raise KDError(f"{task.out} is a finished run with {k} = {have.get(k)!r}, but this sweep asks for {v!r}; "
@@ -307,7 +315,7 @@ def execute(job: dict[str, Any]) -> dict[str, Any]:
             cache_job(job["src"], None, out / ARTIFACTS["teacher-cache"], device=job["device"])
         return {}
     fn = train_teacher_job if job["verb"] == "train-teacher" else distill_job
-    cfg = TrainConfig.from_dict(job["config"])
+    cfg = TrainConfig.from_dict(job["config"], option_names=teachers.option_names())
     return fn(cfg, job["out"], progress=False, log=None, resume=job["resume"]).summary
 
 
