@@ -26,7 +26,7 @@ from torch import nn
 import teachers
 from kd.config import TrainConfig
 from kd.data import ImageTensors, dataset_info, load_dataset
-from kd.engine import machine_name, make_accelerator, make_loader, prepare_training
+from kd.engine import AMP_DTYPES, machine_name, make_accelerator, make_loader, prepare_training, resolve_device
 from kd.errors import KDError
 from kd.models import create_model
 from kd.sources import SourceContext, TargetSource
@@ -278,8 +278,7 @@ def run_bench(preset: str, device: str = "cpu", batch_size: int | None = None, s
     unknown = [s for s in sources if s not in rows]
     if unknown:
         raise KDError(f"unknown source '{unknown[0]}'; choose from {', '.join(rows)}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise KDError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
+    resolve_device(device)
     if repeats < 1 or (steps is not None and steps < 1 and data is None) or warmup < 0:
         raise KDError("--repeats and --steps must be at least 1, --warmup at least 0")
     if mode == "epoch" and steps is not None:
@@ -288,7 +287,7 @@ def run_bench(preset: str, device: str = "cpu", batch_size: int | None = None, s
     batch = batch_size or (p.batch_cuda if dev.type == "cuda" else p.batch_cpu)
     if mode == "epoch" and data is None and epoch_size is not None and epoch_size < batch:
         raise KDError(f"--epoch-size {epoch_size} is smaller than one batch ({batch}); give at least {batch} samples")
-    amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    amp_dtype = AMP_DTYPES[amp]
     cfg = TrainConfig(device=device, amp=amp, channels_last=channels_last, batch_size=batch, augment=True)
 
     n_cached = 10_000

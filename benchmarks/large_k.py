@@ -43,7 +43,7 @@ import teachers
 from benchmarks.cost import _Cycle, _framework_runner, _sync, _timed_repeats, timing_columns
 from kd import runs
 from kd.config import TrainConfig
-from kd.engine import machine_name
+from kd.engine import machine_name, resolve_device
 from kd.errors import KDError
 from kd.sources import SourceContext, TargetSource
 from teachers.cached import CachedTeacher, TopKCached, save_cache, write_topk_cache
@@ -129,8 +129,7 @@ def _time(runners, steps: int, repeats: int, warmup: int, dev, log) -> None:
 
 
 def _settings(device: str, batch_size, steps, repeats: int, warmup: int):
-    if device == "cuda" and not torch.cuda.is_available():
-        raise KDError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
+    resolve_device(device)
     if repeats < 1 or (steps is not None and steps < 1) or warmup < 0:
         raise KDError("--repeats and --steps must be at least 1, --warmup at least 0")
     dev = torch.device(device)

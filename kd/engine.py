@@ -40,12 +40,18 @@ class FitResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
+def resolve_device(device: str) -> str:
+    """``--device``: auto is cuda where a CUDA device is visible, else cpu; cuda without one is refused."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise KDError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
+    return device
+
+
 def make_accelerator(cfg: TrainConfig):
     """accelerate places the model and launches processes; mixed precision is the step's own autocast."""
-    cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise KDError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
-    return Accelerator(cpu=cpu, mixed_precision="no")
+    return Accelerator(cpu=resolve_device(cfg.device) == "cpu", mixed_precision="no")
 
 
 def machine_name(device: torch.device) -> str:

@@ -202,7 +202,7 @@ def test_cli_top_k_export_cache_and_distill(tmp_path, capsys):
     assert cli("proxy", "export", tmp_path / "t", "--top-k", 10, "--out", tmp_path / "x.safetensors") == 2
     assert cli("teacher", "cache", tmp_path / "t", "--top-k", 0, "--out", tmp_path / "y.safetensors") == 2
     err = capsys.readouterr().err
-    assert "--top-k must lie in [1, K) = [1, 10)" in err and "--top-k must be at least 1" in err
+    assert "--top-k must lie in [1, K) = [1, 10), got 10" in err and "--top-k must lie in [1, K) = [1, 10), got 0" in err
     assert len(err.strip().splitlines()) == 2
     assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "y.safetensors").exists()
 

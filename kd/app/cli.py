@@ -128,16 +128,12 @@ def _cmd_distill(args) -> int:
 
 
 def _cmd_proxy_export(args) -> int:
-    if args.top_k is not None and args.top_k < 1:
-        raise KDError(f"--top-k must be at least 1, got {args.top_k}")
     out = export_proxy_job(args.run_dir, args.out, args.source, args.alpha, args.data_root, args.device, args.top_k)
     print(f"proxy teacher ({args.source}{f', top {args.top_k}' if args.top_k else ''}) -> {out}")
     return 0
 
 
 def _cmd_teacher_cache(args) -> int:
-    if args.top_k is not None and args.top_k < 1:
-        raise KDError(f"--top-k must be at least 1, got {args.top_k}")
     out = cache_job(args.run_dir, args.dataset, args.out, args.data_root, args.device, args.top_k)
     print(f"teacher outputs{f' (top {args.top_k})' if args.top_k else ''} -> {out}")
     return 0

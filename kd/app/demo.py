@@ -29,7 +29,7 @@ from kd import runs
 from kd.app.jobs import distill_job, train_teacher_job
 from kd.config import TrainConfig
 from kd.data import load_dataset
-from kd.engine import predict
+from kd.engine import predict, resolve_device
 
 TEACHER_MODEL = "lenet"
 STUDENT_MODEL = "lenet"
@@ -58,10 +58,6 @@ C_COLS = [("cls", "class", "s"), ("c", "C: strongest non-targets (weight)", "s")
 def _row(name: str, summary: dict) -> dict:
     return {"run": name, "acc": summary["test_acc"], "nll": summary["test_nll"], "ece": summary["test_ece"],
             "s_epoch": summary["seconds_per_epoch"]}
-
-
-def _device(device: str) -> str:
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
 
 def c_neighbour_rows(c: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
@@ -102,7 +98,7 @@ def print_c_table(teacher_dir: Path, teacher_model: torch.nn.Module, device: str
     c, meta = runs.load_c_matrix(teacher_dir)
     names = meta["class_names"]
     split = load_dataset(DATASET)
-    logits, labels = predict(teacher_model, split.test, split.info, device=_device(device))
+    logits, labels = predict(teacher_model, split.test, split.info, device=resolve_device(device))
     rows, first, top2 = c_neighbour_rows(c, logits.cpu(), labels.cpu(), names)
     k = len(c)
     print(f"\nWhat the LS++ C-matrix learned: each class's two strongest non-target classes in C "
@@ -115,7 +111,7 @@ def print_c_table(teacher_dir: Path, teacher_model: torch.nn.Module, device: str
 
 def print_cost_table(device: str = "auto", steps: int = 3, repeats: int = 5) -> None:
     """What one student step costs with each teacher kind, measured side by side (see `kd bench`)."""
-    dev = _device(device)
+    dev = resolve_device(device)
     print(f"\nCost of one student training step on {dev} (`kd bench --preset digits` for the full table)")
     df = run_bench("digits", dev, steps=steps, repeats=repeats, sources=("onehot", "proxy", "network"), log=None)
     print(markdown(df))

@@ -12,7 +12,7 @@ from accelerate.utils import set_seed
 from kd import runs
 from kd.config import TrainConfig
 from kd.data import DataSplit, load_dataset, load_dataset_of_run, validation_split
-from kd.engine import FitResult, fit, predict
+from kd.engine import FitResult, fit, predict, resolve_device
 from kd.errors import KDError
 from kd.lock import run_lock
 from kd.models import create_model
@@ -117,9 +117,7 @@ def _teacher_train_logits(run_dir: Path, dataset: str | None, data_root: str | N
     split = load_dataset_of_run(meta, data_root) if name == meta["dataset"] else load_dataset(name, data_root)
     if meta["dataset"] != split.info.name:
         raise KDError(f"teacher run {run_dir} was trained on '{meta['dataset']}', not '{split.info.name}'")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    logits, labels = predict(model, split.train, split.info, device=device)
+    logits, labels = predict(model, split.train, split.info, device=resolve_device(device))
     return logits.cpu(), labels.cpu(), meta, split
 
 
@@ -133,11 +131,11 @@ def export_proxy_job(run_dir: str | Path, out: str | Path, source: str = "auto",
     renormalised to sum to 1, stored sparsely (``teachers.proxy.save_topk_c_matrix``).
     """
     run_dir, out = Path(run_dir), runs.check_new_file(out)
-    if top_k is not None and top_k < 1:
-        raise KDError(f"--top-k must be at least 1, got {top_k}")
-    if alpha is not None:  # before the pass over the data that a measured proxy takes
-        alpha = ProxyTeacher.option("alpha").check(alpha, "proxy")
     meta = runs.read_summary(run_dir)
+    if top_k is not None:  # these checks come before the pass over the data a measured proxy takes
+        top_k = check_top_k(top_k, meta["num_classes"])
+    if alpha is not None:
+        alpha = ProxyTeacher.option("alpha").check(alpha, "proxy")
     has_learned = (run_dir / runs.C_MATRIX).is_file()
     if source == "auto":
         source = "learned" if has_learned else "measured"
@@ -155,7 +153,7 @@ def export_proxy_job(run_dir: str | Path, out: str | Path, source: str = "auto",
     extra = {"source": f"lspp-{source}" if source == "learned" else "measured",
              "dataset": meta.get("dataset", ""), "teacher_run": str(run_dir)}
     if top_k is not None:
-        values, indices = top_k_rows(c, check_top_k(top_k, c.shape[0]))
+        values, indices = top_k_rows(c, top_k)
         out.parent.mkdir(parents=True, exist_ok=True)
         save_topk_c_matrix(out, values, indices, a, names, extra)
         return out
@@ -172,16 +170,12 @@ def cache_job(run_dir: str | Path, dataset: str | None, out: str | Path, data_ro
     (FKD-style, ``teachers.cached.TopKCached``).
     """
     out = runs.check_new_file(out)
-    if top_k is not None and top_k < 1:
-        raise KDError(f"--top-k must be at least 1, got {top_k}")
-    if top_k is not None and (Path(run_dir) / runs.SUMMARY).is_file():  # k < K, before a pass over the data
-        k_run = runs.read_summary(Path(run_dir)).get("num_classes")
-        if isinstance(k_run, int):
-            check_top_k(top_k, k_run)
+    if top_k is not None:  # before the pass over the data
+        top_k = check_top_k(top_k, runs.read_summary(Path(run_dir))["num_classes"])
     logits, _, meta, split = _teacher_train_logits(Path(run_dir), dataset, data_root, device)
     out.parent.mkdir(parents=True, exist_ok=True)
     if top_k is not None:
-        save_topk_cache(out, logits, check_top_k(top_k, logits.shape[1]), split.info.name, str(run_dir))
+        save_topk_cache(out, logits, top_k, split.info.name, str(run_dir))
     else:
         save_cache(out, logits, split.info.name, str(run_dir))
     return out

@@ -70,7 +70,7 @@ from safetensors.torch import save_file
 from kd import runs
 from kd.config import TrainConfig
 from kd.data import load_dataset_of_run
-from kd.engine import make_loader
+from kd.engine import make_loader, resolve_device
 from kd.errors import KDError
 from kd.metrics import adaptive_ece, expected_calibration_error, row_entropy_bits
 from teachers.network import load_teacher_network
@@ -255,17 +255,13 @@ def _weights_hash(run_dir: Path) -> str:
     return h.hexdigest()
 
 
-def _device(device: str) -> str:
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-
-
 @torch.inference_mode()
 def compute_outputs(src: Source, data_root: str | None, device: str, points: int) -> dict[str, torch.Tensor]:
     """One pass over the training set (class-mean softmax) and one over the test set (logits, and the
     penultimate features of a seeded subset of ``points`` samples), un-augmented, eval mode."""
     model, meta = load_teacher_network(src.path)
     split = load_dataset_of_run(meta, data_root)
-    dev = _device(device)
+    dev = resolve_device(device)
     model = model.to(dev).eval()
     forward = penultimate(model)
     cfg = TrainConfig(batch_size=512, augment=False, num_workers=0)
