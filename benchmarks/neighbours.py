@@ -13,36 +13,23 @@ from pathlib import Path
 import torch
 
 from kd import runs
-from kd.data import load_dataset
+from kd.data import load_dataset_of_run
 from kd.engine import predict
 from kd.errors import KDError
+from kd.metrics import c_neighbours, top_confusions
 from kd.runs import check_new_file
 from teachers.network import load_teacher_network
-
-
-def top_confusions(pred: torch.Tensor, labels: torch.Tensor, k: int, n: int = 2) -> list[list[int]]:
-    """For each true class, the n wrong classes it is most often predicted as (ties: lower index)."""
-    conf = torch.zeros(k, k, dtype=torch.long)
-    conf.index_put_((labels, pred), torch.ones_like(labels), accumulate=True)
-    conf.fill_diagonal_(-1)
-    return [torch.sort(conf[c], descending=True, stable=True).indices[:n].tolist() for c in range(k)]
-
-
-def top_c_neighbours(c: torch.Tensor, n: int = 2) -> list[list[int]]:
-    c = c.clone()
-    c.fill_diagonal_(-1.0)
-    return [torch.sort(c[i], descending=True, stable=True).indices[:n].tolist() for i in range(len(c))]
 
 
 def neighbour_table(lspp_run: str | Path, onehot_run: str | Path) -> tuple[str, int, int]:
     c, meta = runs.load_c_matrix(lspp_run)
     names = meta["class_names"]
     model, s = load_teacher_network(onehot_run)
-    split = load_dataset(s["dataset"])
+    split = load_dataset_of_run(s)
     logits, labels = predict(model, split.test, split.info)
     k = len(c)
     conf = top_confusions(logits.argmax(1), labels, k)
-    neigh = top_c_neighbours(c)
+    neigh = c_neighbours(c)
     lines = ["| class | LS++ C: strongest non-targets (weight) | 1-hot test confusions | shared |", "|---|---|---|---|"]
     shared_total = exact = 0
     for i in range(k):

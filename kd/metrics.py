@@ -1,23 +1,38 @@
-"""Test metrics: top-1 accuracy, negative log-likelihood, expected calibration error (equal-width and equal-mass bins)."""
+"""Metrics: accuracy, NLL and calibration (equal-width and equal-mass bins) of a set of outputs, and what
+the figures and analyses measure: reliability bins, class-centre distances, C-matrix row entropy and
+neighbours, test confusions."""
 from __future__ import annotations
 
+import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 
 
-def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:
-    """ECE with equal-width confidence bins (lo, hi]: sum_b |B|/N * |acc(B) - conf(B)|."""
-    conf, pred = probs.max(dim=1)
+def _width_bins(probs: torch.Tensor, labels: torch.Tensor, n_bins: int):
+    """Equal-width confidence bins (lo, hi]: edges and per bin the count, summed confidence, summed correctness."""
+    conf, pred = probs.double().max(dim=1)
     correct = (pred == labels).double()
-    conf = conf.double()
     edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64, device=conf.device)
     # bucketize with right=False maps conf in (edges[b-1], edges[b]] to b; conf == 0 goes to bin 1.
     bins = torch.bucketize(conf, edges[1:-1], right=False)
-    n = conf.numel()
     count = torch.zeros(n_bins, dtype=torch.float64, device=conf.device).index_add_(0, bins, torch.ones_like(conf))
-    conf_sum = torch.zeros_like(count).index_add_(0, bins, conf)
-    acc_sum = torch.zeros_like(count).index_add_(0, bins, correct)
-    return float((conf_sum - acc_sum).abs().sum() / n)
+    return edges, count, torch.zeros_like(count).index_add_(0, bins, conf), torch.zeros_like(count).index_add_(0, bins, correct)
+
+
+def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:
+    """ECE with equal-width confidence bins (lo, hi]: sum_b |B|/N * |acc(B) - conf(B)|."""
+    _, count, conf_sum, acc_sum = _width_bins(probs, labels, n_bins)
+    return float((conf_sum - acc_sum).abs().sum() / count.sum())
+
+
+def reliability_bins(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> pd.DataFrame:
+    """Per equal-width bin (lo, hi], the bins of :func:`expected_calibration_error`: count, mean confidence, accuracy."""
+    edges, count, conf_sum, acc_sum = (t.cpu() for t in _width_bins(probs, labels, n_bins))
+    safe = count.clamp(min=1)
+    return pd.DataFrame({"bin_lo": edges[:-1].numpy(), "bin_hi": edges[1:].numpy(), "count": count.long().numpy(),
+                         "mean_confidence": np.where(count > 0, (conf_sum / safe).numpy(), np.nan),
+                         "accuracy": np.where(count > 0, (acc_sum / safe).numpy(), np.nan)})
 
 
 def adaptive_ece(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:
@@ -48,3 +63,31 @@ def row_entropy_bits(c: torch.Tensor) -> torch.Tensor:
     """Entropy in bits of each row of a row-stochastic matrix (a C-matrix: its zero diagonal adds nothing)."""
     p = c.double()
     return -(p * torch.log2(p.clamp(min=1e-300))).where(p > 0, torch.zeros_like(p)).sum(1)
+
+
+def centre_distances(features: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """L1-normalised cosine distance among class centres: D = 1 - cos(m_i, m_j), zero diagonal, D / sum(D)."""
+    f = features.double()
+    centres = torch.zeros(k, f.shape[1], dtype=torch.float64).index_add_(0, labels, f)
+    centres /= torch.bincount(labels, minlength=k).double().clamp(min=1)[:, None]
+    unit = centres / centres.norm(dim=1, keepdim=True).clamp(min=1e-12)
+    d = (1.0 - unit @ unit.T).clamp(min=0.0)
+    d = (d + d.T) / 2
+    d.fill_diagonal_(0.0)
+    total = d.sum()
+    return d / total if total > 0 else d
+
+
+def c_neighbours(c: torch.Tensor, n: int = 2) -> list[list[int]]:
+    """For each class, the n other classes its C row weights most (ties: the lower index)."""
+    off = c.clone().float()
+    off.fill_diagonal_(-1.0)
+    return [torch.sort(row, descending=True, stable=True).indices[:n].tolist() for row in off]
+
+
+def top_confusions(pred: torch.Tensor, labels: torch.Tensor, k: int, n: int = 2) -> list[list[int]]:
+    """For each true class, the n wrong classes it is most often predicted as (ties: the lower index)."""
+    conf = torch.zeros(k, k, dtype=torch.long)
+    conf.index_put_((labels, pred), torch.ones_like(labels), accumulate=True)
+    conf.fill_diagonal_(-1)
+    return [torch.sort(conf[c], descending=True, stable=True).indices[:n].tolist() for c in range(k)]

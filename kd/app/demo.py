@@ -24,12 +24,12 @@ from pathlib import Path
 import torch
 
 from benchmarks.cost import markdown, run_bench
-from benchmarks.neighbours import top_c_neighbours, top_confusions
 from kd import runs
 from kd.app.jobs import distill_job, train_teacher_job
 from kd.config import TrainConfig
 from kd.data import load_dataset
 from kd.engine import predict, resolve_device
+from kd.metrics import c_neighbours, top_confusions
 
 TEACHER_MODEL = "lenet"
 STUDENT_MODEL = "lenet"
@@ -79,7 +79,7 @@ def c_neighbour_rows(c: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor
     mean_p.fill_diagonal_(-1.0)
     runner_up = mean_p.argmax(1).tolist()
     rows, first, top2 = [], 0, 0
-    for i, neigh in enumerate(top_c_neighbours(c, 2)):
+    for i, neigh in enumerate(c_neighbours(c, 2)):
         n_err = int(counts[i, confused[i]])
         if n_err >= MIN_ERRORS:
             j, how = confused[i], f"{names[confused[i]]} ({n_err} errors)"

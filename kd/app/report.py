@@ -72,7 +72,8 @@ from kd.config import TrainConfig
 from kd.data import load_dataset_of_run
 from kd.engine import make_loader, resolve_device
 from kd.errors import KDError
-from kd.metrics import adaptive_ece, expected_calibration_error, row_entropy_bits
+from kd.metrics import (adaptive_ece, c_neighbours, centre_distances, expected_calibration_error, reliability_bins,
+                        row_entropy_bits)
 from teachers.network import load_teacher_network
 
 N_BINS = 15
@@ -176,43 +177,13 @@ def read_bench(path: str | Path) -> pd.DataFrame:
 # Numbers (each figure's CSV holds exactly these)
 
 
-def reliability_bins(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = N_BINS) -> pd.DataFrame:
-    """Per equal-width bin (lo, hi] (as kd.metrics bins them): count, mean confidence, accuracy."""
-    conf, pred = probs.double().max(dim=1)
-    correct = (pred == labels).double()
-    edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)
-    bins = torch.bucketize(conf, edges[1:-1], right=False)
-    count = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, torch.ones_like(conf))
-    conf_sum = torch.zeros_like(count).index_add_(0, bins, conf)
-    acc_sum = torch.zeros_like(count).index_add_(0, bins, correct)
-    safe = count.clamp(min=1)
-    return pd.DataFrame({"bin_lo": edges[:-1].numpy(), "bin_hi": edges[1:].numpy(), "count": count.long().numpy(),
-                         "mean_confidence": np.where(count > 0, (conf_sum / safe).numpy(), np.nan),
-                         "accuracy": np.where(count > 0, (acc_sum / safe).numpy(), np.nan)})
-
-
-def centre_distances(features: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
-    """L1-normalised cosine distance among class centres: D = 1 - cos(m_i, m_j), zero diagonal, D / sum(D)."""
-    f = features.double()
-    centres = torch.zeros(k, f.shape[1], dtype=torch.float64).index_add_(0, labels, f)
-    centres /= torch.bincount(labels, minlength=k).double().clamp(min=1)[:, None]
-    unit = centres / centres.norm(dim=1, keepdim=True).clamp(min=1e-12)
-    d = (1.0 - unit @ unit.T).clamp(min=0.0)
-    d = (d + d.T) / 2
-    d.fill_diagonal_(0.0)
-    total = d.sum()
-    return d / total if total > 0 else d
-
-
 def top_neighbours(c: torch.Tensor, names: list[str], k: int = TOP_K) -> pd.DataFrame:
-    off = c.clone().float()
-    off.fill_diagonal_(-1.0)
-    vals, idx = off.topk(min(k, len(c) - 1), dim=1)
+    """Each class's k strongest C neighbours and their weights, one row per class."""
     rows = []
-    for i, name in enumerate(names):
+    for i, (name, neigh) in enumerate(zip(names, c_neighbours(c, min(k, len(c) - 1)))):
         row = {"class": name}
-        for r, (v, j) in enumerate(zip(vals[i].tolist(), idx[i].tolist()), 1):
-            row[f"neighbour_{r}"], row[f"weight_{r}"] = names[j], round(v, 4)
+        for r, j in enumerate(neigh, 1):
+            row[f"neighbour_{r}"], row[f"weight_{r}"] = names[j], round(float(c[i, j]), 4)
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -1,6 +1,6 @@
 import torch
 
-from benchmarks.neighbours import top_c_neighbours, top_confusions
+from kd.metrics import c_neighbours, top_confusions
 
 
 def test_top_confusions_count_wrong_predictions_per_true_class():
@@ -9,9 +9,9 @@ def test_top_confusions_count_wrong_predictions_per_true_class():
     assert top_confusions(pred, labels, 3) == [[2, 1], [0, 2], [1, 0]]
 
 
-def test_top_c_neighbours_skip_the_diagonal():
+def test_c_neighbours_skip_the_diagonal():
     c = torch.tensor([[0.0, 0.7, 0.3], [0.5, 0.0, 0.5], [0.1, 0.9, 0.0]])
-    assert top_c_neighbours(c) == [[1, 2], [0, 2], [1, 0]]
+    assert c_neighbours(c) == [[1, 2], [0, 2], [1, 0]]
 
 
 def test_neighbours_refuses_to_overwrite_an_existing_out_file(tmp_path, capsys):
