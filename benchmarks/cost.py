@@ -61,7 +61,7 @@ PRESETS = {p.name: p for p in (
 )}
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -118,7 +118,7 @@ def compile_training(training, backend: str = "inductor") -> None:
                 setattr(source, name, torch.compile(child, backend=backend))
 
 
-def _framework_runner(name, student, source, cfg, batches, compiled: bool = False,
+def framework_runner(name, student, source, cfg, batches, compiled: bool = False,
                       backend: str = "inductor") -> _Runner:
     training = prepare_training(make_accelerator(cfg), student, source, cfg, steps_per_epoch=10**6)
     if compiled:
@@ -152,7 +152,7 @@ def synthetic_split(preset: Preset, num_samples: int):
     return ImageTensors(images, labels), info
 
 
-class _Cycle:
+class Cycle:
     """Endless iteration over a list of batches, or over a real loader restarted each epoch."""
 
     def __init__(self, batches=None, loader=None, channels_last=False):
@@ -187,10 +187,10 @@ class _Cycle:
 def _warm_up(r: _Runner, warmup: int, dev) -> None:
     """Untimed steps. A compiled row's first step compiles: its wall time is reported as ``compile_s``."""
     for i in range(max(warmup, 2) if r.compiled else warmup):
-        _sync(dev)
+        sync(dev)
         t0 = time.perf_counter()
         r.step(*r.batches.next())
-        _sync(dev)
+        sync(dev)
         if r.compiled and i == 0:
             r.compile_s = time.perf_counter() - t0
 
@@ -203,7 +203,7 @@ def _load_average() -> float:
         return float("nan")
 
 
-def _timed_repeats(runners: list[_Runner], repeats: int, steps: int, mode: str, dev, log) -> None:
+def timed_repeats(runners: list[_Runner], repeats: int, steps: int, mode: str, dev, log) -> None:
     """Round-robin over the rows, ``repeats`` times. The starting row rotates and every other
     repeat runs in reverse, so each row follows two different neighbours (cache and allocator
     state left by the previous row differ by row). Garbage collection is frozen meanwhile: a full
@@ -236,7 +236,7 @@ def _round_robin(runners: list[_Runner], repeats: int, steps: int, mode: str, de
         if rep % 2:
             order.reverse()
         for r in order:
-            _sync(dev)
+            sync(dev)
             t0 = time.perf_counter()
             if mode == "epoch":
                 n = 0
@@ -247,7 +247,7 @@ def _round_robin(runners: list[_Runner], repeats: int, steps: int, mode: str, de
             else:
                 for _ in range(steps):
                     r.step(*r.batches.next())
-            _sync(dev)
+            sync(dev)
             r.times.append((time.perf_counter() - t0) / steps * 1000.0)
         if log:
             log(f"repeat {rep + 1}/{repeats} done")
@@ -322,7 +322,7 @@ def run_bench(preset: str, device: str = "cpu", batch_size: int | None = None, s
     runners = []
     for name in sources:
         for compiled in ((False, True) if compile else (False,)):
-            batches = _Cycle(synthetic) if real is None else _Cycle(
+            batches = Cycle(synthetic) if real is None else Cycle(
                 loader=make_loader(real[0], real[1], cfg, train=True, device=dev), channels_last=channels_last)
             student = copy.deepcopy(student0)
             if name == "bare":
@@ -330,16 +330,16 @@ def run_bench(preset: str, device: str = "cpu", batch_size: int | None = None, s
             else:
                 # a compiled teacher is its own copy, so the eager network row keeps an eager teacher
                 t = copy.deepcopy(teacher) if (compiled and teacher is not None) else teacher
-                runners.append(_framework_runner(name, student, make_source(name, p.num_classes, t, n_cached), cfg,
+                runners.append(framework_runner(name, student, make_source(name, p.num_classes, t, n_cached), cfg,
                                                  batches, compiled, compile_backend))
 
     for r in runners:  # warm-up: allocator, autotuning, lazy init, compilation
         _warm_up(r, warmup, dev)
         if log and r.compiled:
             log(f"{r.name}: first step (compilation) {r.compile_s:.1f}s")
-    _sync(dev)
+    sync(dev)
     load_start = _load_average()
-    _timed_repeats(runners, repeats, steps, mode, dev, log)
+    timed_repeats(runners, repeats, steps, mode, dev, log)
     load_end = _load_average()
 
     by_name = {r.name: r for r in runners}

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 import teachers
-from benchmarks.cost import _Cycle, _framework_runner, _sync, _timed_repeats, timing_columns
+from benchmarks.cost import Cycle, framework_runner, sync, timed_repeats, timing_columns
 from kd import runs
 from kd.config import TrainConfig
 from kd.engine import machine_name, resolve_device
@@ -120,12 +120,12 @@ def _batches(batch: int, k: int, n_cached: int, device, count: int = 4):
 
 
 def _time(runners, steps: int, repeats: int, warmup: int, dev, log) -> None:
-    """cost.run_bench's schedule: warm-up untimed, then :func:`benchmarks.cost._timed_repeats`."""
+    """cost.run_bench's schedule: warm-up untimed, then :func:`benchmarks.cost.timed_repeats`."""
     for r in runners:
         for _ in range(warmup):
             r.step(*r.batches.next())
-    _sync(dev)
-    _timed_repeats(runners, repeats, steps, "step", dev, log)
+    sync(dev)
+    timed_repeats(runners, repeats, steps, "step", dev, log)
 
 
 def _settings(device: str, batch_size, steps, repeats: int, warmup: int):
@@ -180,7 +180,7 @@ def run_large_k(device: str = "cpu", ks=DEFAULT_KS, batch_size: int | None = Non
             extra[name] = {"artifact_bytes": size, "artifact_tensor_bytes": tensor_bytes, "artifact_bytes_kind": kind,
                            "source_buffer_bytes": buffer_bytes(src), "top_k": top_k if "topk" in name else None,
                            "n_cached": n_cached if name.startswith("cached") else None}
-            runners.append(_framework_runner(name, copy.deepcopy(student0), src, cfg, _Cycle(batches)))
+            runners.append(framework_runner(name, copy.deepcopy(student0), src, cfg, Cycle(batches)))
         if log:
             log(f"K={k}: timing {', '.join(r.name for r in runners)}")
         _time(runners, steps, repeats, warmup, dev, log)
@@ -247,18 +247,18 @@ def lspp_large_k(device: str = "cpu", k: int = 1000, big_k: int = 21841, batch_s
         torch.manual_seed(0)
         student0 = nn.Linear(FEATURES, kk)
         batches = _batches(batch, kk, 1, dev)
-        runners = [_framework_runner(name, copy.deepcopy(student0), build_source(name, kk) if name == "onehot"
-                                     else LSPPLoss(kk, 0.1), cfg, _Cycle(batches)) for name in ("onehot", "lspp")]
+        runners = [framework_runner(name, copy.deepcopy(student0), build_source(name, kk) if name == "onehot"
+                                     else LSPPLoss(kk, 0.1), cfg, Cycle(batches)) for name in ("onehot", "lspp")]
         trainings = {r.name: r.step.__self__ for r in runners}
         peaks = {}
         for r in runners:  # one untimed step each, for the CUDA peak of a step
             if dev.type == "cuda":
-                _sync(dev)
+                sync(dev)
                 torch.cuda.reset_peak_memory_stats(dev)
                 before = torch.cuda.memory_allocated(dev)
             r.step(*r.batches.next())
             if dev.type == "cuda":
-                _sync(dev)
+                sync(dev)
                 peaks[r.name] = torch.cuda.max_memory_allocated(dev) - before
         _time(runners, steps if full else 1, repeats if full else 1, warmup if full else 0, dev, log)
         base = runners[0]

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from benchmarks.cost import _sync
+from benchmarks.cost import sync
 from kd.config import TrainConfig
 from kd.data import load_dataset
 from kd.engine import machine_name, make_accelerator, make_loader, prepare_training
@@ -44,7 +44,7 @@ def loader_ratio(dataset: str = "fashion-mnist", model: str | None = None, batch
         real_loader.set_epoch(rep)
         pairs = [("real", real_times), ("memory", mem_times)]
         for kind, times in (pairs if rep % 2 == 0 else pairs[::-1]):
-            _sync(dev)
+            sync(dev)
             t0 = time.perf_counter()
             if kind == "real":
                 for x, y, i in real_loader:
@@ -52,7 +52,7 @@ def loader_ratio(dataset: str = "fashion-mnist", model: str | None = None, batch
             else:
                 for x, y, i in batches:
                     mem_step(x, y, i)
-            _sync(dev)
+            sync(dev)
             if rep > 0:
                 times.append(time.perf_counter() - t0)
         if log and rep > 0:

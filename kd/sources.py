@@ -263,16 +263,6 @@ def label_matrix(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     return F.one_hot(labels, num_classes).float()
 
 
-def one_hot_table(num_classes: int) -> torch.Tensor:
-    return torch.eye(num_classes)
-
-
 def smoothing_table(num_classes: int, alpha: float) -> torch.Tensor:
     """(1 - alpha) * I + alpha / K: alpha spread uniformly over all K classes."""
     return (1.0 - alpha) * torch.eye(num_classes) + alpha / num_classes
-
-
-def proxy_table(c_matrix: torch.Tensor, alpha: float) -> torch.Tensor:
-    """(1 - alpha) * I + alpha * C: row y is the PT-LS++ target for class y."""
-    c = torch.as_tensor(c_matrix, dtype=torch.float32)
-    return (1.0 - alpha) * torch.eye(c.shape[0]) + alpha * c

@@ -56,7 +56,7 @@ class ProxyTeacher(TableSource):
     def __init__(self, c_matrix: torch.Tensor, alpha: float = 0.1, meta: dict | None = None):
         alpha = self.option("alpha").check(alpha, self.name)
         c = torch.as_tensor(c_matrix, dtype=torch.float32)
-        # kd.sources.proxy_table((1 - alpha) I + alpha C), bit for bit, without its two extra K x K temporaries
+        # (1 - alpha) I + alpha C without the two extra K x K temporaries of writing it so
         table = c * float(alpha)
         table.diagonal().add_(1.0 - float(alpha))
         super().__init__(table)
@@ -268,11 +268,6 @@ class TopKProxy(TargetSource):
                                                         values * self.alpha], dim=1), persistent=False)
         self.register_buffer("loss_cols", torch.cat([torch.arange(k_classes).view(-1, 1), indices], dim=1),
                              persistent=False)
-
-    def dense_c_matrix(self) -> torch.Tensor:
-        """The dense K x K matrix C_k (for checks and small K only)."""
-        return torch.zeros(self.num_classes, self.num_classes, device=self.c_values.device).scatter_(
-            1, self.c_indices, self.c_values)
 
     def _soft_product(self, m: torch.Tensor) -> torch.Tensor:
         """m @ C_k for B x K soft labels, through sparse C_k^T (K x K, K*k entries)."""

@@ -1,0 +1,143 @@
+"""The paper's claims against the study's committed CSVs: holds / does not hold / within noise.
+
+Each claim compares two rows of one results CSV (mean over seeds of a metric). The verdict
+weighs the difference of the means against its standard error sqrt(s_a^2/n_a + s_b^2/n_b)
+(seed-to-seed standard deviations, ddof=1): beyond twice that in the claimed direction,
+*holds*; beyond twice that the other way, *does not hold*; otherwise *within noise*. Three
+seeds make this a coarse test: it says which differences this study can resolve.
+
+    python -m benchmarks.claims            # prints the markdown table benchmarks/README.md carries
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass(frozen=True)
+class Claim:
+    text: str           # the claim, as the paper makes it
+    paper: str          # the paper's own numbers
+    table: str          # results CSV stem, {regime} filled in
+    better: str         # the row claimed higher (lower for ECE/NLL)
+    worse: str
+    metric: str = "test_acc"
+    regimes: tuple[str, ...] = ("matched", "paper")
+
+
+ACC = "test_acc"
+CLAIMS = [
+    Claim("LS++ beats 1-hot (Table 3, LeNet)", "83.79 vs 82.23", "fmnist_methods_{regime}", "LS++", "1-hot"),
+    Claim("LS++ beats LS (Table 3)", "83.79 vs 82.55", "fmnist_methods_{regime}", "LS++", "LS"),
+    Claim("LS++ beats TF-KD reg (Table 3)", "83.79 vs 82.40", "fmnist_methods_{regime}", "LS++", "TF-KD reg"),
+    Claim("LS++ beats OLS (Table 3)", "83.79 vs 82.97", "fmnist_methods_{regime}", "LS++", "OLS"),
+    Claim("LS++ beats Zipf's LS (Tables 1-2; not run on FMNIST)", "e.g. 65.07 vs 59.25 (TinyImageNet)",
+          "fmnist_methods_{regime}", "LS++", "Zipf-LS"),
+    Claim("LS++ beats MbLS (Table 2; not run on FMNIST)", "e.g. 69.01 vs 65.15 (TinyImageNet)",
+          "fmnist_methods_{regime}", "LS++", "MbLS"),
+    Claim("LS++ beats FL-3 (Tables 1-2; not run on FMNIST)", "e.g. 81.05 vs 77.25 (CIFAR-100)",
+          "fmnist_methods_{regime}", "LS++", "FL-3"),
+    Claim("LS++ beats FLSD-53 (Tables 1-2; not run on FMNIST)", "e.g. 81.05 vs 76.78 (CIFAR-100)",
+          "fmnist_methods_{regime}", "LS++", "FLSD-53"),
+    Claim("LS++ reduces overconfidence: lower ECE than 1-hot (abstract, Sec. 5.1)", "no ECE reported",
+          "fmnist_methods_{regime}", "LS++", "1-hot", "test_ece"),
+    Claim("LS++ beats 1-hot on MNIST (not in the paper)", "-", "mnist_methods_{regime}", "LS++", "1-hot",
+          regimes=("matched",)),
+    Claim("SCE-ours beats CE for learning C (Table 5)", "81.19 vs 80.45 (CIFAR-10)", "fmnist_ablation",
+          "LS++", "LS++ with CE", regimes=("matched",)),
+    Claim("SCE-ours beats the original SCE (Table 5)", "81.19 vs 79.92 (CIFAR-10)", "fmnist_ablation",
+          "LS++", "LS++ with SCE-original", regimes=("matched",)),
+    Claim("CE collapses C's rows: lower row entropy than SCE-ours (Fig. 6)", "one-hot rows (CIFAR-10)",
+          "fmnist_ablation", "LS++", "LS++ with CE", "c_row_entropy_bits", regimes=("matched",)),
+    Claim("The original SCE collapses C's rows too (Fig. 6)", "one-hot rows (CIFAR-10)",
+          "fmnist_ablation", "LS++", "LS++ with SCE-original", "c_row_entropy_bits", regimes=("matched",)),
+    *[Claim(f"LS++ adds to {aug} (Table 7, FMNIST ResNet18)", paper, "fmnist_augment_{regime}",
+            f"{aug} LS++", f"{aug} 1-hot")
+      for aug, paper in (("Cutout", "88.92 vs 88.36"), ("Mixup", "88.59 vs 88.48"), ("CutMix", "88.27 vs 88.11"),
+                         ("RandAug", "92.85 vs 92.40"))],
+    Claim("RandAugment lifts 1-hot far above the other augmentations (Table 7: 92.40 vs 88.11-88.48)",
+          "92.40 vs 88.48 (Mixup)", "fmnist_augment_{regime}", "RandAug 1-hot", "Mixup 1-hot"),
+    Claim("Distillation beats training alone: the LS++ net as teacher (Table 6)", "e.g. 79.90 vs 78.67",
+          "fmnist_distill_resnet8", "student <- LS++ net", "student alone", regimes=("matched",)),
+    Claim("The LS++ net is a better teacher than the 1-hot net (Table 6)", "e.g. 79.90 vs 78.67",
+          "fmnist_distill_resnet8", "student <- LS++ net", "student <- 1-hot net", regimes=("matched",)),
+    Claim("The LS++ net is a better teacher than the LS net (Table 6)", "e.g. 79.90 vs 79.40",
+          "fmnist_distill_resnet8", "student <- LS++ net", "student <- LS net", regimes=("matched",)),
+    Claim("PT-LS++ beats training alone (Sec. 5.3)", "e.g. 79.75 vs 75.87 (Table 1 R18)",
+          "fmnist_distill_resnet8", "student <- PT-LS++", "student alone", regimes=("matched",)),
+    Claim("PT-LS++ trails the LS++ network teacher (Sec. 5.3)", "e.g. 79.75 vs 79.90",
+          "fmnist_distill_resnet8", "student <- LS++ net", "student <- PT-LS++", regimes=("matched",)),
+    Claim("A proxy student trains in about half the time of online KD (Sec. 5.3)", "about 2x (R101 -> SN)",
+          "fmnist_distill_resnet8", "student <- LS++ net", "student <- PT-LS++", "train_seconds",
+          regimes=("matched",)),
+]
+LOWER_IS_BETTER = {"test_ece", "test_nll", "test_aece"}
+UNITS = {ACC: ("{:.2f}", 100), "test_ece": ("{:.2f}", 100), "c_row_entropy_bits": ("{:.2f}", 1),
+         "train_seconds": ("{:.0f} s", 1)}
+
+
+def verdict(a: pd.Series, b: pd.Series, lower_is_better: bool = False) -> tuple[float, float, str]:
+    """(difference in the claimed direction, its standard error, verdict) for seed samples a (claimed better) and b."""
+    diff = (b.mean() - a.mean()) if lower_is_better else (a.mean() - b.mean())
+    se = math.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b)) if min(len(a), len(b)) > 1 else float("nan")
+    if not math.isfinite(se):
+        return diff, se, "one seed: not judged"
+    if diff > 2 * se:
+        return diff, se, "holds"
+    if diff < -2 * se:
+        return diff, se, "does not hold"
+    return diff, se, "within noise"
+
+
+def _fmt(metric: str, values: pd.Series) -> str:
+    f, scale = UNITS.get(metric, ("{:.3f}", 1))
+    sd = values.std(ddof=1) * scale if len(values) > 1 else float("nan")
+    return f"{f.format(values.mean() * scale)} ± {f.format(sd).replace(' s', '')}"
+
+
+def claims_frame(results: Path = RESULTS) -> pd.DataFrame:
+    """One row per (claim, regime) whose CSV and rows exist."""
+    rows = []
+    for c in CLAIMS:
+        for regime in c.regimes:
+            path = results / (c.table.format(regime=regime) + ".csv")
+            if not path.is_file():
+                continue
+            df = pd.read_csv(path)
+            a, b = df.loc[df["name"] == c.better, c.metric], df.loc[df["name"] == c.worse, c.metric]
+            if a.empty or b.empty:
+                continue
+            lower = c.metric in LOWER_IS_BETTER or c.metric == "train_seconds"
+            diff, se, v = verdict(a, b, lower)
+            f, scale = UNITS.get(c.metric, ("{:.3f}", 1))
+            rows.append({"claim": c.text, "paper": c.paper, "regime": regime, "metric": c.metric,
+                         "ours": f"{c.better}: {_fmt(c.metric, a)}; {c.worse}: {_fmt(c.metric, b)}",
+                         "difference": f"{f.format(diff * scale)} (SE {f.format(se * scale)})".replace(" s (", " ("),
+                         "seeds": f"{len(a)}, {len(b)}", "verdict": v, "csv": path.name})
+    return pd.DataFrame(rows)
+
+
+def markdown(df: pd.DataFrame) -> str:
+    lines = ["| claim of the paper | paper | regime | ours (mean ± std over seeds) | difference (claimed direction) | "
+             "holds here? |", "|---|---|---|---|---|---|"]
+    for r in df.itertuples():
+        lines.append(f"| {r.claim} | {r.paper} | {r.regime} | {r.ours} | {r.difference} | **{r.verdict}** |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--results", default=str(RESULTS))
+    args = p.parse_args(argv)
+    print(markdown(claims_frame(Path(args.results))))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
