@@ -18,7 +18,8 @@ bench() {
   [ -e "$out" ] && out="$OUTDIR/cost_${preset}_cpu${tag}_$(date -u +%Y%m%dT%H%M%S).csv"
   echo "== $preset$tag -> $out"
   local start=$(date +%s)
-  $PY -m kd bench --preset "$preset" --device cpu --out "$out" --quiet "$@"
+  if [ "$preset" = large-k ]; then set -- large-k-bench "$@"; else set -- bench --preset "$preset" "$@"; fi
+  $PY -m kd "$@" --device cpu --out "$out" --quiet
   echo "   $(( $(date +%s) - start ))s"
 }
 for part in $PARTS; do

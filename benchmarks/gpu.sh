@@ -50,7 +50,8 @@ bench() {
   [ -e "$out" ] && out="$OUTDIR/cost_${preset}_${name}${tag}_$(date -u +%Y%m%dT%H%M%S).csv"
   echo "== $preset$tag -> $out"
   local start=$(date +%s)
-  $PY -m kd bench --preset "$preset" --device "$DEVICE" --out "$out" --quiet "$@"
+  if [ "$preset" = large-k ]; then set -- large-k-bench "$@"; else set -- bench --preset "$preset" "$@"; fi
+  $PY -m kd "$@" --device "$DEVICE" --out "$out" --quiet
   echo "   $(( $(date +%s) - start ))s"
 }
 common=(--amp "$AMP" --warmup "$WARMUP" ${BATCH:+--batch-size "$BATCH"})

@@ -24,14 +24,12 @@ holds in memory (for the dense proxy twice the file: the K x K target table and 
 :func:`lspp_large_k` prices LS++ itself at large K: its K x (K - 1) C logits, their gradient and
 optimiser state, and the K x K temporaries its loss makes every step.
 
-    python -m benchmarks.large_k --out large_k.csv [--device cuda] [--lspp-out lspp_large_k.csv]
+    kd large-k-bench --out large_k.csv [--device cuda] [--classes 1000,21841]   (also writes large_k_lspp.csv)
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import gc
-import sys
 import tempfile
 from pathlib import Path
 
@@ -294,52 +292,3 @@ def markdown(df: pd.DataFrame, lspp: pd.DataFrame | None = None) -> str:
             lines.append(f"| {r.num_classes:,} | {r.source} | {step} | {ratio} | {mib(r.c_state_bytes)} | "
                          f"{mib(r.step_kk_temporary_bytes)} | {mib(r.peak_step_bytes)} | {r.measured} |")
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.large_k", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=None, metavar="FILE.csv", help="write the rows as CSV (new file)")
-    p.add_argument("--lspp-out", default=None, metavar="FILE.csv", help="also run lspp_large_k; its rows as CSV (new file)")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--ks", default=",".join(map(str, DEFAULT_KS)), help="comma-separated numbers of classes")
-    p.add_argument("--batch-size", type=int, default=None, help="default 256")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per repeat (default 10 on CPU, 20 on CUDA)")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--top-k", type=int, default=10)
-    p.add_argument("--n-cached", type=int, default=100_000)
-    p.add_argument("--sources", default=",".join(DEFAULT_SOURCES), help="comma-separated subset of " + ",".join(ALL_SOURCES))
-    p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
-    p.add_argument("--max-dense-gib", type=float, default=4.0, help="leave out dense artifacts larger than this")
-    p.add_argument("--quiet", action="store_true")
-    args = p.parse_args(argv)
-    try:
-        out = runs.check_new_file(args.out) if args.out else None
-        lspp_out = runs.check_new_file(args.lspp_out) if args.lspp_out else None
-        ks = tuple(int(x) for x in args.ks.split(",") if x.strip())
-        log = None if args.quiet else print
-        df = run_large_k(args.device, ks, args.batch_size, args.steps, args.repeats, args.warmup, args.top_k,
-                         args.n_cached, tuple(s.strip() for s in args.sources.split(",") if s.strip()), log,
-                         int(args.max_dense_gib * 2 ** 30), args.amp)
-        print(df[["num_classes", "source", "step_ms_median", "paired_ratio_vs_onehot", "artifact_bytes",
-                  "source_buffer_bytes"]].to_string(index=False))
-        if out is not None:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            df.to_csv(out, index=False)
-            print(f"rows -> {out}")
-        if lspp_out is not None:
-            ldf = lspp_large_k(args.device, batch_size=args.batch_size, steps=args.steps, repeats=args.repeats,
-                               warmup=args.warmup, log=log, amp=args.amp)
-            print(ldf[["num_classes", "source", "step_ms_median", "paired_ratio_vs_onehot", "c_state_bytes",
-                       "step_kk_temporary_bytes", "measured"]].to_string(index=False))
-            lspp_out.parent.mkdir(parents=True, exist_ok=True)
-            ldf.to_csv(lspp_out, index=False)
-            print(f"rows -> {lspp_out}")
-    except (KDError, ValueError) as e:
-        print(f"large_k: error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

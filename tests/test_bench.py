@@ -156,10 +156,10 @@ def test_step_profile_counts_operators_and_times_phases(tmp_path):
     assert main(["--preset", "digits", "--sources", "onehot,network"]) == 2  # a teacher network: refused
 
 
-def test_large_k_preset_refuses_flags_it_does_not_use(kd_main):
-    code, _, err = kd_main("bench", "--preset", "large-k", "--compile", "--mode", "epoch")
-    assert code == 2 and "drop --mode epoch, --compile" in err
+def test_large_k_bench_has_only_flags_it_uses(kd_main):
+    code, _, err = kd_main("large-k-bench", "--compile")
+    assert code == 2 and "unrecognized arguments: --compile" in err
     code, _, err = kd_main("bench", "--preset", "digits", "--classes", "5,10")
-    assert code == 2 and "--classes applies to --preset large-k only" in err
-    code, _, err = kd_main("bench", "--preset", "large-k", "--classes", "1000")
+    assert code == 2 and "unrecognized arguments: --classes" in err
+    code, _, err = kd_main("large-k-bench", "--classes", "1000")
     assert code == 2 and "two numbers of classes" in err

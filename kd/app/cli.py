@@ -147,27 +147,23 @@ def _write_rows(frame, path) -> None:
         print(f"rows -> {path}")
 
 
-def _cmd_bench_large_k(args, out) -> int:
+def _cmd_large_k_bench(args) -> int:
     import benchmarks.large_k as lk
 
-    unsupported = [flag for flag, on in (("--mode epoch", args.mode == "epoch"), ("--compile", args.compile),
-                                         ("--data", args.data is not None), ("--channels-last", args.channels_last),
-                                         ("--sources", args.sources != ",".join(bench_rows())))
-                   if on]
-    if unsupported:
-        raise KDError(f"--preset large-k times its own rows (onehot, proxy, proxy-topk, cached-topk; then LS++) "
-                      f"on synthetic features; drop {', '.join(unsupported)}")
+    out = check_new_file(args.out) if args.out else None
     lspp_out = check_new_file(out.with_name(out.stem + "_lspp" + out.suffix)) if out else None
     log = None if args.quiet else print
     try:
-        ks = tuple(int(k) for k in (args.classes or "1000,21841").split(","))
+        ks = tuple(int(k) for k in args.classes.split(","))
     except ValueError:
         raise KDError(f"--classes takes comma-separated numbers of classes, e.g. 1000,21841; got '{args.classes}'") from None
     if len(ks) != 2 or min(ks) < 2:
         raise KDError(f"--classes takes two numbers of classes of at least 2 (the LS++ rows time the first and "
                       f"price the second), got '{args.classes}'")
+    sources = tuple(s.strip() for s in args.sources.split(",") if s.strip())
     df = lk.run_large_k(args.device, ks, batch_size=args.batch_size, steps=args.steps, repeats=args.repeats,
-                        warmup=args.warmup, amp=args.amp, log=log)
+                        warmup=args.warmup, top_k=args.top_k, n_cached=args.n_cached, sources=sources,
+                        max_dense_bytes=int(args.max_dense_gib * 2 ** 30), amp=args.amp, log=log)
     # LS++ at K = 21,841 needs ~19 GB for C's state and loss temporaries: measured where the device has room
     room = torch.cuda.get_device_properties(0).total_memory // 2 if args.device == "cuda" else 8 * 2 ** 30
     ldf = lk.lspp_large_k(args.device, ks[0], ks[1], batch_size=args.batch_size, steps=args.steps, repeats=args.repeats,
@@ -180,10 +176,6 @@ def _cmd_bench_large_k(args, out) -> int:
 
 def _cmd_bench(args) -> int:
     out = check_new_file(args.out) if args.out else None
-    if args.preset == "large-k":
-        return _cmd_bench_large_k(args, out)
-    if args.classes is not None:
-        raise KDError("--classes applies to --preset large-k only; the other presets have their data set's K")
     sources = tuple(s.strip() for s in args.sources.split(",") if s.strip())
     df = run_bench(args.preset, args.device, args.batch_size, args.steps, args.repeats, args.warmup, args.amp,
                    args.channels_last, sources, args.data, args.data_root, log=None if args.quiet else print,
@@ -227,10 +219,7 @@ def _cmd_demo(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="kd", description="proxykd: train Label Smoothing++ teachers and distill students from networks or C-matrices.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
+def _train_teacher_parser(sub) -> None:
     methods = teachers.label_methods()
     method_help = "; ".join(f"{m}: {teachers.SOURCES[m].summary}" for m in methods)
     p = sub.add_parser("train-teacher", help="train a network with a label-only source (" + ", ".join(methods) + ")",
@@ -242,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_flags(p)
     p.set_defaults(func=_cmd_train_teacher)
 
+
+def _distill_parser(sub) -> None:
     spec_help = teachers.spec_help()
     sources_help = "; ".join(f"{n}: {c.summary}" for n, c in teachers.SOURCES.items())
     p = sub.add_parser("distill", help="train a student from a teacher SPEC",
@@ -255,6 +246,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_flags(p)
     p.set_defaults(func=_cmd_distill)
 
+
+def _device_flag(p, default: str = "auto") -> None:
+    choices = ["auto", "cpu", "cuda"] if default == "auto" else ["cpu", "cuda"]
+    p.add_argument("--device", choices=choices, default=default)
+
+
+def _proxy_parser(sub) -> None:
     p = sub.add_parser("proxy", help="proxy teachers (C-matrices)")
     psub = p.add_subparsers(dest="proxy_command", required=True, parser_class=_Parser)
     e = psub.add_parser("export", help="write a C-matrix proxy from any trained teacher run",
@@ -267,12 +265,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: learned where the run has one, else measured")
     e.add_argument("--alpha", type=float, default=None, help="alpha stored with the proxy (default: the run's, else 0.1)")
     e.add_argument("--data-root", default=None)
-    e.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    _device_flag(e)
     e.add_argument("--top-k", type=int, default=None, metavar="K",
                    help="keep the K largest entries of each row, renormalised to sum to 1, stored sparsely "
                    "(1 <= K < number of classes; for a large number of classes)")
     e.set_defaults(func=_cmd_proxy_export)
 
+
+def _teacher_parser(sub) -> None:
     p = sub.add_parser("teacher", help="teacher utilities")
     tsub = p.add_subparsers(dest="teacher_command", required=True, parser_class=_Parser)
     c = tsub.add_parser("cache", help="cache a teacher run's logits for every training sample",
@@ -282,31 +282,35 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dataset", default=None, help="default: the data set the teacher was trained on")
     c.add_argument("--out", required=True, help="new .safetensors file")
     c.add_argument("--data-root", default=None)
-    c.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    _device_flag(c)
     c.add_argument("--top-k", type=int, default=None, metavar="K",
                    help="store each sample's K largest probabilities (float16) and their classes instead of "
                    "all logits; targets spread the remaining mass uniformly (FKD). 1 <= K < number of classes")
     c.set_defaults(func=_cmd_teacher_cache)
 
+
+def _timing_flags(p) -> None:
+    """What every timing verb shares: device, batch, steps x repeats, warm-up, precision, output."""
+    _device_flag(p, "cpu")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the preset's for the device")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per repeat (default 10 on CPU, 20 on CUDA)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per source before timing")
+    p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
+    p.add_argument("--out", default=None, metavar="FILE.csv", help="also write the rows as CSV (new file)")
+    p.add_argument("--quiet", action="store_true")
+
+
+def _bench_parser(sub) -> None:
     rows = bench_rows()
     p = sub.add_parser("bench", help="time one training step per teacher source, side by side",
                        description="Time a full training step of a preset's student for each target source "
                        "(bare PyTorch loop, then every registered source on stand-in artifacts: " + ", ".join(rows[1:])
-                       + "), interleaved over repeats; "
-                       "prints medians and ratios to onehot.")
-    p.add_argument("--preset", required=True, choices=[*PRESETS, "large-k"],
-                   help="large-k: a linear head on 512 features at K = 1,000 and 21,841 with dense and top-k "
-                   "proxies and caches, then LS++'s step and memory at large K (a second CSV, FILE_lspp.csv)")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--batch-size", type=int, default=None, help="default: the preset's for the device")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per repeat (default 10 on CPU, 20 on CUDA; with --data one epoch)")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps per source before timing")
-    p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
+                       + "), interleaved over repeats; prints medians and ratios to onehot.")
+    p.add_argument("--preset", required=True, choices=list(PRESETS))
+    _timing_flags(p)
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--sources", default=",".join(rows), help="comma-separated subset of " + ",".join(rows))
-    p.add_argument("--classes", default=None, metavar="K1,K2",
-                   help="--preset large-k: its two numbers of classes (default 1000,21841)")
     p.add_argument("--mode", choices=["step", "epoch"], default="step",
                    help="step: STEPS steps per repeat on batches in memory; epoch: one whole epoch per repeat through "
                    "the real loader (of --data, or of --epoch-size synthetic images of the preset's shape)")
@@ -318,10 +322,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend for --compile (default inductor)")
     p.add_argument("--data", default=None, metavar="DATASET", help="draw batches from this real data set's loader instead of synthetic tensors")
     p.add_argument("--data-root", default=None)
-    p.add_argument("--out", default=None, metavar="FILE.csv", help="also write the rows as CSV (new file)")
-    p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_bench)
 
+
+def _large_k_bench_parser(sub) -> None:
+    p = sub.add_parser("large-k-bench", help="step cost at a large number of classes: dense and top-k proxies and caches, LS++",
+                       description="A linear head on 512 random features at two numbers of classes: onehot, the dense "
+                       "proxy, the top-k proxy and the top-k cache side by side, then LS++'s step time and memory at "
+                       "both (measured where the device has room, priced from its code otherwise; a second CSV, "
+                       "FILE_lspp.csv).")
+    _timing_flags(p)
+    p.add_argument("--classes", default="1000,21841", metavar="K1,K2",
+                   help="the two numbers of classes (default 1000,21841: ImageNet-1k and -21k)")
+    p.add_argument("--sources", default="onehot,proxy,proxy-topk,cached-topk",
+                   help="comma-separated subset of onehot, proxy, proxy-topk, cached-topk, cached (dense N x K)")
+    p.add_argument("--top-k", type=int, default=10, help="entries kept per C row or per sample (default 10)")
+    p.add_argument("--n-cached", type=int, default=100_000, help="samples in the stand-in caches (default 100,000)")
+    p.add_argument("--max-dense-gib", type=float, default=4.0, help="leave out dense artifacts larger than this")
+    p.set_defaults(func=_cmd_large_k_bench)
+
+
+def _loader_bench_parser(sub) -> None:
     p = sub.add_parser("loader-bench", help="real-loader epoch time against the same steps on in-memory batches",
                        description="Times one training epoch through the real loader (batch augmentation included) "
                        "against the same steps on batches materialised beforehand; prints the ratio of medians.")
@@ -330,13 +351,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--repeats", type=int, default=11)
     p.add_argument("--data-root", default=None)
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    _device_flag(p, "cpu")
     p.add_argument("--aa", default=None, metavar="rand-mM-nN", help="also apply RandAugment per image, in loader workers")
     p.add_argument("--num-workers", type=int, default=2, help="loader workers for --aa (default 2)")
     p.add_argument("--out", default=None, metavar="FILE.json")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_loader_bench)
 
+
+def _sweep_parser(sub) -> None:
     p = sub.add_parser("sweep", help="a grid of runs x seeds from one YAML file, resumable",
                        description="Run every (run, seed) of a sweep file, skipping finished runs, then write a tidy "
                        "CSV and a markdown table of mean +- std over seeds. A `select: {lr: [...]}` block chooses each "
@@ -349,6 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_sweep)
 
+
+def _report_parser(sub) -> None:
     p = sub.add_parser("report", help="figures (PNG), their numbers (CSV) and an index.md for runs",
                        description="Figures for finished runs and C-matrix files: C-matrix heatmaps (paper Fig. 3), "
                        "class-wise training-set output probabilities (Fig. 4), t-SNE and class-centre distances of "
@@ -364,16 +389,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model-output cache (default OUT/cache); give an earlier report's cache folder to reuse it")
     p.add_argument("--tsne-points", type=int, default=2000, help="seeded test subset for the t-SNE (default 2000)")
     p.add_argument("--data-root", default=None)
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    _device_flag(p)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_report)
 
+
+def _demo_parser(sub) -> None:
     p = sub.add_parser("demo", help="the main job on the bundled digits data: an LS++ teacher and four students")
     p.add_argument("--out", default=None, help="keep the run directories here (default: a temporary directory)")
     p.add_argument("--teacher-epochs", type=int, default=15)
     p.add_argument("--student-epochs", type=int, default=30)
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    _device_flag(p)
     p.set_defaults(func=_cmd_demo)
+
+
+VERB_PARSERS = (_train_teacher_parser, _distill_parser, _proxy_parser, _teacher_parser, _bench_parser,
+                _large_k_bench_parser, _loader_bench_parser, _sweep_parser, _report_parser, _demo_parser)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="kd", description="proxykd: train Label Smoothing++ teachers and distill students from networks or C-matrices.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for add in VERB_PARSERS:
+        add(sub)
     return parser
 
 
