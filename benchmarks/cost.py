@@ -26,7 +26,8 @@ from torch import nn
 import teachers
 from kd.config import TrainConfig
 from kd.data import ImageTensors, dataset_info, load_dataset
-from kd.engine import AMP_DTYPES, machine_name, make_accelerator, make_loader, prepare_training, resolve_device
+from kd.engine import (AMP_DTYPES, compile_options, compile_step, machine_name, make_accelerator, make_loader,
+                       prepare_training, resolve_device)
 from kd.errors import KDError
 from kd.models import create_model
 from kd.sources import SourceContext, TargetSource
@@ -85,45 +86,60 @@ class _Runner:
 
 
 def _bare_runner(student: nn.Module, cfg, device, amp_dtype, batches, compiled: bool = False,
-                 backend: str = "inductor") -> _Runner:
+                 backend: str = "inductor", mode: str = "default") -> _Runner:
+    """The plain PyTorch loop: forward, cross-entropy, backward, SGD. Compiled, the forward-and-loss and
+    the optimiser step are compiled as the engine's are (:func:`kd.engine.compile_step`)."""
     model = student.to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
+    lr = torch.tensor(cfg.lr, device=device) if compiled else cfg.lr
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum, nesterov=True,
                           weight_decay=cfg.weight_decay)
-    fwd = torch.compile(model, backend=backend) if compiled else model
+
+    def forward_loss(x, y):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(x)
+        return F.cross_entropy(logits.float(), y)
+
+    options = compile_options(mode, backend)
+    fwd = torch.compile(forward_loss, dynamic=False, **options) if compiled else forward_loss
+    opt_step = torch.compile(opt.step, **options) if compiled else opt.step
 
     def step(x, y, idx):
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = fwd(x)
-        loss = F.cross_entropy(logits.float(), y)
+        loss = fwd(x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        opt_step()
 
-    return _Runner("bare" + COMPILED_SUFFIX * compiled, step, batches, compiled)
-
-
-COMPILED_SUFFIX = "+compile"
+    return _Runner("bare" + compiled_suffix(mode) * compiled, step, batches, compiled)
 
 
-def compile_training(training, backend: str = "inductor") -> None:
-    """``torch.compile`` the trained network and, for sources that run a network on the inputs
-    (``network``, ``tfkd-self``), that network too; the optimiser step and the source's own
-    table lookups stay eager. Compilation happens lazily, on the first step; later rows of the
-    same architecture reuse the compiled graph, so the first compiled row bears most of the cost."""
-    training.model = torch.compile(training.model, backend=backend)
+#: the row-name suffix of a compiled row, by --compile-mode
+SUFFIXES = {"default": "+compile", "reduce-overhead": "+graphs", "max-autotune": "+autotune"}
+
+
+def compiled_suffix(mode: str) -> str:
+    return SUFFIXES[mode]
+
+
+def compile_training(training, backend: str = "inductor", mode: str = "default") -> None:
+    """The engine's compiled step (:func:`kd.engine.compile_step`: forward, source terms and their sum,
+    and the optimiser step) and, for sources that run a network on the inputs (``network``,
+    ``tfkd-self``), that network compiled too. Compilation happens on the first step; later rows of
+    the same architecture reuse the compiled graph, so the first compiled row bears most of the cost."""
+    compile_step(training, mode, backend)
     source = training.source
     if source.needs_inputs:
+        options = compile_options(mode, backend)
         for name, child in list(source.named_children()):
             if any(True for _ in child.parameters()):
-                setattr(source, name, torch.compile(child, backend=backend))
+                setattr(source, name, torch.compile(child, **options))
 
 
 def framework_runner(name, student, source, cfg, batches, compiled: bool = False,
-                      backend: str = "inductor") -> _Runner:
+                     backend: str = "inductor", mode: str = "default") -> _Runner:
     training = prepare_training(make_accelerator(cfg), student, source, cfg, steps_per_epoch=10**6)
     if compiled:
-        compile_training(training, backend)
-    return _Runner(name + COMPILED_SUFFIX * compiled, training.step, batches, compiled)
+        compile_training(training, backend, mode)
+    return _Runner(name + compiled_suffix(mode) * compiled, training.step, batches, compiled)
 
 
 def synthetic_batches(preset: Preset, batch: int, device, channels_last: bool, n_cached: int, count: int = 4):
@@ -184,7 +200,7 @@ class Cycle:
             yield self._layout(x), y, idx
 
 
-def _warm_up(r: _Runner, warmup: int, dev) -> None:
+def warm_up(r: _Runner, warmup: int, dev) -> None:
     """Untimed steps. A compiled row's first step compiles: its wall time is reported as ``compile_s``."""
     for i in range(max(warmup, 2) if r.compiled else warmup):
         sync(dev)
@@ -257,15 +273,16 @@ def run_bench(preset: str, device: str = "cpu", batch_size: int | None = None, s
               repeats: int = 5, warmup: int = 3, amp: str = "none", channels_last: bool = False,
               sources: tuple[str, ...] | None = None, data: str | None = None, data_root: str | None = None,
               log=print, mode: str = "step", compile: bool = False, epoch_size: int | None = None,
-              compile_backend: str = "inductor") -> pd.DataFrame:
+              compile_backend: str = "inductor", compile_mode: str = "default") -> pd.DataFrame:
     """Time the preset's student for each source; one row per source (and per compiled variant).
 
     ``mode="step"``: ``steps`` steps per repeat on batches already on the device (or drawn from
     ``data``'s loader). ``mode="epoch"``: each repeat is one whole epoch through the real loader
     (batch slicing and augmentation included) of ``data``, or, without ``data``, of
     ``epoch_size`` synthetic uint8 images of the preset's shape. ``compile=True`` adds a
-    ``SOURCE+compile`` row per source (see :func:`compile_training`); its first warm-up step,
-    which compiles, is timed apart as ``compile_s`` and never inside the timed repeats
+    ``SOURCE+compile`` row per source (see :func:`compile_training`; ``compile_mode``
+    reduce-overhead makes them ``SOURCE+graphs`` rows, replayed as CUDA graphs); its first warm-up
+    step, which compiles, is timed apart as ``compile_s`` and never inside the timed repeats
     (``compile_backend``: torch.compile's backend; the tests use ``aot_eager``, which needs no C++ compiler).
     """
     rows = bench_rows()
@@ -279,6 +296,9 @@ def run_bench(preset: str, device: str = "cpu", batch_size: int | None = None, s
     if unknown:
         raise KDError(f"unknown source '{unknown[0]}'; choose from {', '.join(rows)}")
     resolve_device(device)
+    if compile and compile_mode == "reduce-overhead" and device != "cuda":
+        raise KDError("--compile-mode reduce-overhead replays CUDA graphs and needs --device cuda; on the CPU use "
+                      "--compile-mode default")
     if repeats < 1 or (steps is not None and steps < 1 and data is None) or warmup < 0:
         raise KDError("--repeats and --steps must be at least 1, --warmup at least 0")
     if mode == "epoch" and steps is not None:
@@ -326,15 +346,16 @@ def run_bench(preset: str, device: str = "cpu", batch_size: int | None = None, s
                 loader=make_loader(real[0], real[1], cfg, train=True, device=dev), channels_last=channels_last)
             student = copy.deepcopy(student0)
             if name == "bare":
-                runners.append(_bare_runner(student, cfg, dev, amp_dtype, batches, compiled, compile_backend))
+                runners.append(_bare_runner(student, cfg, dev, amp_dtype, batches, compiled, compile_backend,
+                                            compile_mode))
             else:
                 # a compiled teacher is its own copy, so the eager network row keeps an eager teacher
                 t = copy.deepcopy(teacher) if (compiled and teacher is not None) else teacher
                 runners.append(framework_runner(name, student, make_source(name, p.num_classes, t, n_cached), cfg,
-                                                 batches, compiled, compile_backend))
+                                                batches, compiled, compile_backend, compile_mode))
 
     for r in runners:  # warm-up: allocator, autotuning, lazy init, compilation
-        _warm_up(r, warmup, dev)
+        warm_up(r, warmup, dev)
         if log and r.compiled:
             log(f"{r.name}: first step (compilation) {r.compile_s:.1f}s")
     sync(dev)
@@ -347,7 +368,7 @@ def run_bench(preset: str, device: str = "cpu", batch_size: int | None = None, s
     for r in runners:
         row = {
             # ratios to 1-hot with the same compilation
-            **timing_columns(r, by_name.get("onehot" + COMPILED_SUFFIX * r.compiled), batch),
+            **timing_columns(r, by_name.get("onehot" + compiled_suffix(compile_mode) * r.compiled), batch),
             "preset": p.name, "teacher": p.teacher, "student": p.student,
             "input_shape": f"{p.channels}x{p.size}x{p.size}", "num_classes": p.num_classes,
             "batch_size": batch, "amp": amp, "channels_last": channels_last, "steps": steps, "repeats": repeats,
@@ -357,8 +378,8 @@ def run_bench(preset: str, device: str = "cpu", batch_size: int | None = None, s
         if mode == "epoch":
             row.update(mode="epoch", epoch_s_median=row["step_ms_median"] * steps / 1000.0, epoch_samples=steps * batch)
         if compile:
-            eager = by_name[r.name.removesuffix(COMPILED_SUFFIX)]
-            row.update(compiled=r.compiled, compile_s=r.compile_s,
+            eager = by_name[r.name.removesuffix(compiled_suffix(compile_mode))]
+            row.update(compiled=r.compiled, compile_mode=compile_mode if r.compiled else "none", compile_s=r.compile_s,
                        paired_speedup_vs_eager=statistics.median(a / b for a, b in zip(eager.times, r.times)))
         rows.append(row)
     return pd.DataFrame(rows)
@@ -395,7 +416,7 @@ def markdown(df) -> str:
                  f"{what}; {first.device}; torch {first.torch}")
     med = dict(zip(df.source, df.step_ms_median))
     unit = "epoch" if epoch else "step"
-    for suffix in ("", COMPILED_SUFFIX):
+    for suffix in ("", *SUFFIXES.values()):
         if "network" + suffix in med and "proxy" + suffix in med:
             lines.append(f"network{suffix} / proxy{suffix} {unit} time: "
                          f"{med['network' + suffix] / med['proxy' + suffix]:.2f}x")

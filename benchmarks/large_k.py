@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 import teachers
-from benchmarks.cost import Cycle, framework_runner, sync, timed_repeats, timing_columns
+from benchmarks.cost import Cycle, framework_runner, sync, timed_repeats, timing_columns, warm_up
 from kd import runs
 from kd.config import TrainConfig
 from kd.engine import machine_name, resolve_device
@@ -120,8 +120,7 @@ def _batches(batch: int, k: int, n_cached: int, device, count: int = 4):
 def _time(runners, steps: int, repeats: int, warmup: int, dev, log) -> None:
     """cost.run_bench's schedule: warm-up untimed, then :func:`benchmarks.cost.timed_repeats`."""
     for r in runners:
-        for _ in range(warmup):
-            r.step(*r.batches.next())
+        warm_up(r, warmup, dev)
     sync(dev)
     timed_repeats(runners, repeats, steps, "step", dev, log)
 
@@ -142,14 +141,16 @@ def _common(k: int, batch: int, steps: int, repeats: int, dev, amp: str = "none"
 
 def run_large_k(device: str = "cpu", ks=DEFAULT_KS, batch_size: int | None = None, steps: int | None = None,
                 repeats: int = 5, warmup: int = 3, top_k: int = 10, n_cached: int = 100_000,
-                sources=None, log=print, max_dense_bytes: int = 4 * 2 ** 30, amp: str = "none") -> pd.DataFrame:
+                sources=None, log=print, max_dense_bytes: int = 4 * 2 ** 30, amp: str = "none",
+                compile_mode: str = "none", compile_backend: str = "inductor") -> pd.DataFrame:
     """Time a training step of a linear student for each source and each K; one row per (K, source).
 
     Columns: those of ``benchmarks.cost.run_bench`` (preset "large-k", ratios against 1-hot of the
     same K) plus ``artifact_bytes`` / ``artifact_tensor_bytes`` / ``artifact_bytes_kind`` (the file
     on disk and the tensors in it) and ``source_buffer_bytes`` (what the source holds in memory).
     Dense rows (``proxy``, ``cached``) whose artifact tensor would exceed ``max_dense_bytes`` are
-    left out (logged).
+    left out (logged). With ``compile_mode`` every row's step is compiled (``benchmarks.cost.compile_training``;
+    reduce-overhead: replayed as CUDA graphs) and named with its suffix (``onehot+graphs``, ...).
     """
     sources = tuple(sources or DEFAULT_SOURCES)
     unknown = [s for s in sources if s not in ALL_SOURCES]
@@ -158,6 +159,9 @@ def run_large_k(device: str = "cpu", ks=DEFAULT_KS, batch_size: int | None = Non
     if "onehot" not in sources:
         sources = ("onehot",) + sources  # the base of the ratios
     dev, batch, steps = _settings(device, batch_size, steps, repeats, warmup)
+    if compile_mode == "reduce-overhead" and dev.type != "cuda":
+        raise KDError("--compile-mode reduce-overhead replays CUDA graphs and needs --device cuda; on the CPU use "
+                      "--compile-mode default")
     cfg = TrainConfig(device=device, batch_size=batch, amp=amp).validate()
     rows = []
     for k in ks:
@@ -178,13 +182,17 @@ def run_large_k(device: str = "cpu", ks=DEFAULT_KS, batch_size: int | None = Non
             extra[name] = {"artifact_bytes": size, "artifact_tensor_bytes": tensor_bytes, "artifact_bytes_kind": kind,
                            "source_buffer_bytes": buffer_bytes(src), "top_k": top_k if "topk" in name else None,
                            "n_cached": n_cached if name.startswith("cached") else None}
-            runners.append(framework_runner(name, copy.deepcopy(student0), src, cfg, Cycle(batches)))
+            runners.append(framework_runner(name, copy.deepcopy(student0), src, cfg, Cycle(batches),
+                                            compile_mode != "none", compile_backend,
+                                            compile_mode if compile_mode != "none" else "default"))
         if log:
             log(f"K={k}: timing {', '.join(r.name for r in runners)}")
         _time(runners, steps, repeats, warmup, dev, log)
-        base = next(r for r in runners if r.name == "onehot")
-        for r in runners:
-            rows.append({**timing_columns(r, base, batch), **_common(k, batch, steps, repeats, dev, amp), **extra[r.name]})
+        names = [n for n in sources if n in extra]
+        base = runners[names.index("onehot")]  # compiled or not like the others
+        for r, name in zip(runners, names):
+            rows.append({**timing_columns(r, base, batch), **_common(k, batch, steps, repeats, dev, amp), **extra[name],
+                         "compile_mode": compile_mode, "compile_s": r.compile_s})
         del runners, batches, student0
         gc.collect()
         if dev.type == "cuda":

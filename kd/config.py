@@ -16,6 +16,10 @@ import yaml
 from kd.errors import KDError
 
 
+#: --compile-mode: none, or torch.compile's mode for the step (reduce-overhead replays CUDA graphs)
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
+
+
 @dataclass
 class TrainConfig:
     """Everything a training run needs; ``None`` means "take the data set's default"."""
@@ -50,6 +54,8 @@ class TrainConfig:
     device: str = "auto"          # auto | cpu | cuda
     amp: str = "none"             # none | bf16 | fp16
     channels_last: bool = False
+    compile_mode: str = "none"    # none | default | reduce-overhead (CUDA graphs) | max-autotune: torch.compile the step
+    compile_backend: str = "inductor"  # torch.compile backend (tests use aot_eager, which needs no C++ compiler)
     num_workers: int = 4          # only for folder data sets streamed from disk
     options: dict[str, Any] = field(default_factory=dict)  # the target source's options that were given
 
@@ -64,7 +70,10 @@ class TrainConfig:
             raise KDError(f"--weight-decay must be non-negative, got {self.weight_decay}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise KDError(f"--val-fraction must lie in [0, 1) (0: train on the whole training set), got {self.val_fraction}")
-        for key, allowed in (("optimizer", ("sgd", "adamw")),
+        if self.compile_mode == "reduce-overhead" and not self._cuda():
+            raise KDError("--compile-mode reduce-overhead captures CUDA graphs and needs a CUDA device; "
+                          "on the CPU use --compile-mode default")
+        for key, allowed in (("optimizer", ("sgd", "adamw")), ("compile_mode", COMPILE_MODES),
                              ("schedule", ("cosine", "step", "constant")), ("amp", ("none", "bf16", "fp16")),
                              ("device", ("auto", "cpu", "cuda"))):
             if getattr(self, key) not in allowed:
@@ -72,6 +81,14 @@ class TrainConfig:
         if self.mixup < 0 or self.cutmix < 0 or self.cutout < 0:
             raise KDError("--mixup, --cutmix (Beta parameters) and --cutout (pixels) must be >= 0 (0: off)")
         return self
+
+    def _cuda(self) -> bool:
+        """Whether this run trains on CUDA (``auto`` where a device is visible)."""
+        if self.device == "cpu":
+            return False
+        import torch
+
+        return torch.cuda.is_available()
 
     def source_options(self) -> dict[str, Any]:
         """The options a target source is built with (absent: the source's own default)."""

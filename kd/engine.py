@@ -181,6 +181,12 @@ class Training:
     shared_params: list[nn.Parameter] = field(default_factory=list)  # source parameters to average across ranks
     world_size: int = 1
     mix: BatchMix | None = None  # mixup / cutmix
+    forward_loss: Callable | None = None    # :meth:`forward`, or its torch.compile'd form (see compile_step)
+    optimizer_step: Callable | None = None  # ``optimizer.step``, or its compiled form
+
+    def __post_init__(self):
+        self.forward_loss = self.forward_loss or self.forward
+        self.optimizer_step = self.optimizer_step or self.optimizer.step
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum ``t`` over processes in place (nothing to do in one process)."""
@@ -188,17 +194,21 @@ class Training:
             dist.all_reduce(t)
         return t
 
-    def step(self, x, y, idx) -> dict[str, torch.Tensor]:
-        """One optimiser step on one batch; returns the named loss terms (no host sync)."""
-        if self.mix is not None:  # mixup / cutmix: labels become soft labels m, indices a MixedIndex
-            x, y, idx = self.mix(x, y, idx)
+    def forward(self, x, y, idx) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        """Under autocast: the network's logits, the source's named loss terms, and their sum."""
         with torch.autocast(self.device_type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             logits = self.model(x)
             terms = self.source.loss_terms(logits, y, inputs=x if self.source.needs_inputs else None,
                                            index=idx if self.source.needs_index else None)
+        return logits, terms, total_loss(terms)
+
+    def step(self, x, y, idx) -> dict[str, torch.Tensor]:
+        """One optimiser step on one batch; returns the named loss terms (no host sync)."""
+        if self.mix is not None:  # mixup / cutmix: labels become soft labels m, indices a MixedIndex
+            x, y, idx = self.mix(x, y, idx)
+        logits, terms, loss = self.forward_loss(x, y, idx)  # forward, source terms, their sum
         if self.source.observes_steps:  # a stateful source (OLS) collects statistics from the same forward
             self.source.on_step(logits.detach(), y)
-        loss = total_loss(terms)
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -210,9 +220,35 @@ class Training:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
-            self.optimizer.step()
+            self.optimizer_step()
         self.scheduler.step()
         return terms
+
+    def tensor_learning_rates(self) -> None:
+        """Each group's learning rate as a 0-dim tensor on its parameters' device, updated in place by the
+        schedule: a compiled optimiser step then reads it instead of baking in (or recompiling for) a float."""
+        for g in self.optimizer.param_groups:
+            if not torch.is_tensor(g["lr"]):
+                g["lr"] = torch.tensor(float(g["lr"]), device=g["params"][0].device)
+
+
+def compile_options(mode: str, backend: str) -> dict:
+    """torch.compile's keywords for a --compile-mode and backend (a mode is inductor's; other backends take none)."""
+    if backend != "inductor":
+        return {"backend": backend}
+    return {"mode": None if mode == "default" else mode}
+
+
+def compile_step(training: Training, mode: str = "default", backend: str = "inductor") -> None:
+    """``torch.compile`` the step's forward (network, source terms, their sum; the backward follows from it)
+    and the optimiser step. ``mode="reduce-overhead"`` captures each as CUDA graphs replayed every step,
+    which takes small GPU steps out of kernel-launch overhead; it needs CUDA. Learning rates become tensors
+    (:meth:`Training.tensor_learning_rates`). Compilation happens on the first step."""
+    options = compile_options(mode, backend)
+    training.forward_loss = torch.compile(training.forward, dynamic=False, **options)
+    if training.scaler is None:  # fp16's GradScaler runs the optimiser step itself
+        training.tensor_learning_rates()
+        training.optimizer_step = torch.compile(training.optimizer.step, **options)
 
 
 def total_loss(terms: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -262,7 +298,10 @@ def prepare_training(accelerator, model: nn.Module, source: TargetSource, cfg: T
             raise KDError(f"source '{source.name}' reads per-sample rows and cannot follow --mixup/--cutmix; "
                           "drop those flags")
         mix = BatchMix(source.num_classes, cfg.mixup, cfg.cutmix, seed=cfg.seed, rank=accelerator.process_index)
-    return Training(prepared, source, optimizer, scheduler, device.type, amp_dtype, scaler, shared, world, mix)
+    training = Training(prepared, source, optimizer, scheduler, device.type, amp_dtype, scaler, shared, world, mix)
+    if cfg.compile_mode != "none":
+        compile_step(training, cfg.compile_mode, cfg.compile_backend)
+    return training
 
 
 def _labels_of(data) -> torch.Tensor | None:
@@ -381,7 +420,10 @@ def rescale_learning_rate(training: Training, lr: float) -> None:
     training.scheduler.base_lrs = [b * scale for b in training.scheduler.base_lrs]
     for g in training.optimizer.param_groups:
         g["initial_lr"] = g.get("initial_lr", base) * scale
-        g["lr"] = g["lr"] * scale
+        if torch.is_tensor(g["lr"]):
+            g["lr"].mul_(scale)
+        else:
+            g["lr"] = g["lr"] * scale
 
 
 def fit(model: nn.Module, source: TargetSource, train_data, test_data, cfg: TrainConfig, *,
@@ -435,6 +477,8 @@ def fit(model: nn.Module, source: TargetSource, train_data, test_data, cfg: Trai
                                                                training.scheduler, loader_rng,
                                                                rank=accelerator.process_index)
         first_epoch = done + 1
+        if cfg.compile_mode != "none" and training.scaler is None:  # the checkpoint's learning rates are floats
+            training.tensor_learning_rates()
         rescale_learning_rate(training, cfg.lr)
         if main and log is not None:
             log(f"resuming after epoch {done} from {ckpt_path}")

@@ -177,6 +177,8 @@ def _plain(value: Any) -> Any:
         return {str(k): _plain(v) for k, v in value.items()}
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
+    if isinstance(value, torch.Tensor) and value.numel() == 1:  # a learning rate held as a tensor
+        return float(value)
     if isinstance(value, numbers.Integral):  # numpy integers and the like
         return int(value)
     if isinstance(value, numbers.Real):

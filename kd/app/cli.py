@@ -14,13 +14,18 @@ from benchmarks.loader import loader_ratio
 from kd.app.demo import run_demo
 from kd.app.jobs import cache_job, distill_job, export_proxy_job, train_teacher_job
 from kd.app.sweep import run_sweep, summary_table
-from kd.config import TrainConfig, load_yaml_config
+from kd.config import COMPILE_MODES, TrainConfig, load_yaml_config
 from kd.errors import KDError
 from kd.runs import check_new_file, launch_rank, resumable_config
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports a usage error as one line (no usage dump) and exits with 2."""
+    """argparse that reports a usage error as one line (no usage dump) and exits with 2, and takes flags only
+    as spelled in full (a prefix such as --compile must not quietly mean --compile-mode)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
@@ -68,6 +73,11 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default=S)
     g.add_argument("--amp", choices=["none", "bf16", "fp16"], default=S, help="mixed precision: autocast in the training step (fp16 adds a gradient scaler)")
     g.add_argument("--channels-last", action="store_true", default=S)
+    g.add_argument("--compile-mode", choices=list(COMPILE_MODES), default=S,
+                   help="torch.compile the training step (forward, source terms, backward, optimiser step); "
+                   "reduce-overhead also replays it as CUDA graphs (CUDA only): for small GPU steps that are "
+                   "launch-bound. Compilation takes the first step. Default none")
+    g.add_argument("--compile-backend", default=S, help="torch.compile backend for --compile-mode (default inductor)")
     g.add_argument("--num-workers", type=int, default=S, help="loader workers for folder data sets")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     p.add_argument("--resume", action="store_true",
@@ -163,7 +173,8 @@ def _cmd_large_k_bench(args) -> int:
     sources = tuple(s.strip() for s in args.sources.split(",") if s.strip())
     df = lk.run_large_k(args.device, ks, batch_size=args.batch_size, steps=args.steps, repeats=args.repeats,
                         warmup=args.warmup, top_k=args.top_k, n_cached=args.n_cached, sources=sources,
-                        max_dense_bytes=int(args.max_dense_gib * 2 ** 30), amp=args.amp, log=log)
+                        max_dense_bytes=int(args.max_dense_gib * 2 ** 30), amp=args.amp, log=log,
+                        compile_mode=args.compile_mode, compile_backend=args.compile_backend)
     # LS++ at K = 21,841 needs ~19 GB for C's state and loss temporaries: measured where the device has room
     room = torch.cuda.get_device_properties(0).total_memory // 2 if args.device == "cuda" else 8 * 2 ** 30
     ldf = lk.lspp_large_k(args.device, ks[0], ks[1], batch_size=args.batch_size, steps=args.steps, repeats=args.repeats,
@@ -180,7 +191,7 @@ def _cmd_bench(args) -> int:
     df = run_bench(args.preset, args.device, args.batch_size, args.steps, args.repeats, args.warmup, args.amp,
                    args.channels_last, sources, args.data, args.data_root, log=None if args.quiet else print,
                    mode=args.mode, compile=args.compile, epoch_size=args.epoch_size,
-                   compile_backend=args.compile_backend)
+                   compile_backend=args.compile_backend, compile_mode=args.compile_mode)
     print(markdown(df))
     _write_rows(df, out)
     return 0
@@ -320,6 +331,9 @@ def _bench_parser(sub) -> None:
                    help="add a SOURCE+compile row per source (torch.compile of the student, and of the teacher network "
                    "where there is one); compilation is timed apart, never inside the timed steps")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend for --compile (default inductor)")
+    p.add_argument("--compile-mode", choices=[m for m in COMPILE_MODES if m != "none"], default="default",
+                   help="--compile's mode: default, or reduce-overhead (the step replayed as CUDA graphs: "
+                   "SOURCE+graphs rows; CUDA only), or max-autotune")
     p.add_argument("--data", default=None, metavar="DATASET", help="draw batches from this real data set's loader instead of synthetic tensors")
     p.add_argument("--data-root", default=None)
     p.set_defaults(func=_cmd_bench)
@@ -339,6 +353,9 @@ def _large_k_bench_parser(sub) -> None:
     p.add_argument("--top-k", type=int, default=10, help="entries kept per C row or per sample (default 10)")
     p.add_argument("--n-cached", type=int, default=100_000, help="samples in the stand-in caches (default 100,000)")
     p.add_argument("--max-dense-gib", type=float, default=4.0, help="leave out dense artifacts larger than this")
+    p.add_argument("--compile-mode", choices=list(COMPILE_MODES), default="none",
+                   help="compile every row's step (reduce-overhead: replayed as CUDA graphs, CUDA only); default none")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend for --compile-mode")
     p.set_defaults(func=_cmd_large_k_bench)
 
 
