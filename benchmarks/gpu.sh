@@ -4,7 +4,8 @@
 #   bash benchmarks/gpu.sh                                  # every part, on a CUDA machine
 #   PARTS="epoch compile large-k" bash benchmarks/gpu.sh    # only some parts
 #   DEVICE=cpu AMP=none STEPS=1 REPEATS=1 SHORT_STEPS=1 SHORT_REPEATS=1 WARMUP=0 BATCH=2 EPOCH_SIZE=4 COMPILE_BACKEND=aot_eager \
-#     CLASSES=50,300 WHOLE_RUN_PRESETS=digits OUTDIR=/tmp/x bash benchmarks/gpu.sh   # logic check on CPU
+#     CLASSES=50,300 WHOLE_RUN_PRESETS=digits GRAPH_PRESETS=digits COMPILE_MODE=default E2E_DATASET=digits E2E_EPOCHS=1 \
+#     OUTDIR=/tmp/x bash benchmarks/gpu.sh   # logic check on CPU
 # Parts, with the wall time each took on one H200 (benchmarks/results/gpu_h200_*log.txt); about
 # 6 minutes in all there, so an H100 (slower memory) should stay under 8:
 #   steps    every preset, every source, STEPS x REPEATS                        (150 s)
@@ -14,6 +15,12 @@
 #            SHORT_STEPS x SHORT_REPEATS (compilation itself, ~80 s, timed apart) (143 s)
 #   large-k  K = 1,000 and 21,841 with a linear head: onehot, dense proxy,
 #            top-k proxy, top-k cache; LS++ at both K, SHORT_STEPS x SHORT_REPEATS (24 s)
+#   graphs   the step captured once and replayed (--compile-mode reduce-overhead: CUDA graphs) beside
+#            eager, LeNet (Fashion-MNIST shape) and ResNet18 students, then the large-K rows so
+#   e2e      the LeNet recipe end to end (E2E_EPOCHS epochs of Fashion-MNIST through the real loader),
+#            eager and captured, one CSV (benchmarks/e2e.py). A lent machine has no Debian data set:
+#            mkdir -p data/FashionMNIST/raw && cp /usr/share/datasets/fashion-mnist/*.gz data/FashionMNIST/raw/
+#            here first, and carry data/FashionMNIST (30 MB) with the run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEVICE=${DEVICE:-cuda}
@@ -27,8 +34,12 @@ BATCH=${BATCH:-}
 EPOCH_SIZE=${EPOCH_SIZE:-}
 COMPILE_BACKEND=${COMPILE_BACKEND:-inductor}
 CLASSES=${CLASSES:-}
+COMPILE_MODE=${COMPILE_MODE:-reduce-overhead}  # the graphs and e2e parts (the CPU logic check: default)
+GRAPH_PRESETS=${GRAPH_PRESETS:-fmnist-lenet cifar100-r34-r18}  # the graphs part's students: LeNet, ResNet18
+E2E_DATASET=${E2E_DATASET:-fashion-mnist}
+E2E_EPOCHS=${E2E_EPOCHS:-15}
 WHOLE_RUN_PRESETS=${WHOLE_RUN_PRESETS:-tinyimagenet-r101-shufflenet fmnist-lenet}  # the epoch and compile parts
-PARTS=${PARTS:-steps epoch compile large-k}
+PARTS=${PARTS:-steps epoch compile large-k graphs e2e}
 OUTDIR=${OUTDIR:-benchmarks/results}
 PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -74,6 +85,19 @@ for part in $PARTS; do
       done ;;
     large-k)
       bench "" large-k "${common[@]}" --steps "$SHORT_STEPS" --repeats "$SHORT_REPEATS" ${CLASSES:+--classes "$CLASSES"} ;;
-    *) echo "unknown part '$part' (steps, epoch, compile, large-k)" >&2; exit 2 ;;
+    graphs)
+      for preset in $GRAPH_PRESETS; do
+        bench _graphs "$preset" "${common[@]}" "${image[@]}" --compile --compile-mode "$COMPILE_MODE" \
+          --compile-backend "$COMPILE_BACKEND" --steps "$STEPS" --repeats "$REPEATS" --sources bare,onehot,proxy,cached,lspp
+      done
+      bench _graphs large-k "${common[@]}" --compile-mode "$COMPILE_MODE" --compile-backend "$COMPILE_BACKEND" \
+        --steps "$SHORT_STEPS" --repeats "$SHORT_REPEATS" ${CLASSES:+--classes "$CLASSES"} ;;
+    e2e)
+      out="$OUTDIR/e2e_lenet_${name}.csv"
+      [ -e "$out" ] && out="$OUTDIR/e2e_lenet_${name}_$(date -u +%Y%m%dT%H%M%S).csv"
+      root=(); [ -d data ] && root=(--data-root data)
+      $PY -m benchmarks.e2e --dataset "$E2E_DATASET" "${root[@]}" --epochs "$E2E_EPOCHS" --device "$DEVICE" \
+        --modes "none,$COMPILE_MODE" --compile-backend "$COMPILE_BACKEND" ${BATCH:+--batch-size "$BATCH"} --out "$out" ;;
+    *) echo "unknown part '$part' (steps, epoch, compile, large-k, graphs, e2e)" >&2; exit 2 ;;
   esac
 done

@@ -52,6 +52,7 @@ def test_cli_writes_the_same_rows_as_csv_and_refuses_to_overwrite(tmp_path, kd_m
 def test_gpu_script_logic_runs_every_part_on_cpu(tmp_path):
     env = {**os.environ, "DEVICE": "cpu", "AMP": "none", "STEPS": "1", "REPEATS": "1", "WARMUP": "0", "BATCH": "2", "SHORT_STEPS": "1", "SHORT_REPEATS": "1",
            "EPOCH_SIZE": "4", "COMPILE_BACKEND": "aot_eager", "CLASSES": "50,300", "WHOLE_RUN_PRESETS": "digits", "OUTDIR": str(tmp_path),
+           "GRAPH_PRESETS": "digits", "COMPILE_MODE": "default", "E2E_DATASET": "digits", "E2E_EPOCHS": "1",
            "PYTHON": sys.executable}
     r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh")], env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -60,7 +61,13 @@ def test_gpu_script_logic_runs_every_part_on_cpu(tmp_path):
     expected = [f"cost_{p}_cpu.csv" for p in presets]
     expected += ["cost_digits_cpu_epoch.csv", "cost_digits_cpu_compile.csv"]
     expected += ["cost_large-k_cpu.csv", "cost_large-k_cpu_lspp.csv"]
+    expected += ["cost_digits_cpu_graphs.csv", "cost_large-k_cpu_graphs.csv", "cost_large-k_cpu_graphs_lspp.csv",
+                 "e2e_lenet_cpu.csv"]
     assert files == sorted(expected)
+    graphs = pd.read_csv(tmp_path / "cost_digits_cpu_graphs.csv")
+    assert graphs["source"].tolist() == [s + t for s in ("bare", "onehot", "proxy", "cached", "lspp") for t in ("", "+compile")]
+    e2e = pd.read_csv(tmp_path / "e2e_lenet_cpu.csv")
+    assert e2e["compile_mode"].tolist() == ["none", "default"] and (e2e["wall_s"] > e2e["train_seconds"]).all()
     df = pd.read_csv(tmp_path / "cost_tinyimagenet-r101-shufflenet_cpu.csv")
     assert df["source"].tolist() == bench_rows() and (df["channels_last"]).all()
     epoch = pd.read_csv(tmp_path / "cost_digits_cpu_epoch.csv")
