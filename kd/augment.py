@@ -138,8 +138,8 @@ class WorkerAugmentLoader:
 
     Same order, sharding and batch transform (crop, flip, normalisation) as the wrapped loader.
     Each worker makes whole batches with :class:`BatchRandAugment` (images that drew the same
-    operation go through it together: 15.6 vs 66.5 ms per 128-image Fashion-MNIST batch for
-    torchvision's per-image RandAugment, one thread, shared machine), seeded by (seed, epoch,
+    operation go through it together: about 4x faster than torchvision's per-image RandAugment,
+    benchmarks/README.md, "Loader cost"), seeded by (seed, epoch,
     rank, batch), so a run is reproducible and independent of ``num_workers`` (0: in the
     training process).
     """

@@ -15,6 +15,8 @@ tests/test_lspp.py checks one against the other.
 from __future__ import annotations
 
 import math
+import warnings
+from typing import Any
 
 import torch
 from torch import nn
@@ -45,22 +47,26 @@ class LSPPLoss(TargetSource):
 
     @classmethod
     def bench_rows(cls):
-        """Two `kd bench` rows: the fused node (``lspp``) and the plain-autograd definition."""
-        return {"lspp": {}, "lspp-autograd": {"fused": False}}
+        """Three `kd bench` rows: the fused node (``lspp``), the definition compiled, and it in plain autograd."""
+        return {"lspp": {}, "lspp-compiled": {"compiled": True}, "lspp-autograd": {"fused": False}}
 
     @classmethod
     def stand_in(cls, ctx: SourceContext) -> "LSPPLoss":
-        return cls(ctx.num_classes, cls.value(ctx, "alpha"), fused=ctx.option("fused", True))
+        return cls(ctx.num_classes, cls.value(ctx, "alpha"), fused=ctx.option("fused", True),
+                   compiled=ctx.option("compiled", False))
 
-    def __init__(self, num_classes: int, alpha: float = 0.1, fused: bool = True):
-        """``fused`` picks how the two terms are computed: the one-node :class:`_LSPPTerms`
-        (True) or :func:`lspp_terms_reference`, the definition in plain autograd (False).
-        Both give the same values and gradients (tests/test_lspp.py checks it)."""
+    def __init__(self, num_classes: int, alpha: float = 0.1, fused: bool = True, compiled: bool = False):
+        """How the two terms are computed: the one-node :class:`_LSPPTerms` (``fused``, the default),
+        :func:`lspp_terms_reference`, the definition in plain autograd (``fused=False``), or that
+        definition through ``torch.compile`` (``compiled=True``: a few generated kernels instead of about
+        thirty operators; where compilation fails, e.g. without a C++ compiler, the fused node is used,
+        with one warning). All give the same values and gradients (tests/test_lspp.py checks it)."""
         if num_classes < 2:
             raise ValueError("LS++ needs at least 2 classes")
         super().__init__(num_classes)
         self.alpha = self.option("alpha").check(alpha, self.name)
         self.fused = bool(fused)
+        self.compiled = bool(compiled)
         k = self.num_classes
         self.c_logits = nn.Parameter(torch.zeros(k, k - 1))
         # Flat positions of the K x K matrix in a (K*(K-1) + 1)-vector: off-diagonal entries in
@@ -97,7 +103,11 @@ class LSPPLoss(TargetSource):
             return table[labels]
 
     def loss_terms(self, logits, labels, *, inputs=None, index=None):
-        if self.fused and not labels.is_floating_point():
+        if self.compiled and not labels.is_floating_point():
+            terms = compiled_terms(logits.float(), self.c_logits.float(), labels, self.alpha)
+            if terms is not None:
+                return {"lspp_net": terms[0], "lspp_c": terms[1]}
+        if (self.fused or self.compiled) and not labels.is_floating_point():
             net_term, c_term = _LSPPTerms.apply(logits.float(), self.c_logits.float(), labels, self._index,
                                                 self._offdiag_cols, self.alpha)
         else:
@@ -107,6 +117,25 @@ class LSPPLoss(TargetSource):
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The scalar LS++ loss for a batch."""
         return sum(self.loss_terms(logits, labels).values())
+
+
+_COMPILED: dict[str, Any] = {}
+
+
+def compiled_terms(logits, c_logits, labels, alpha: float):
+    """:func:`lspp_terms_reference` through ``torch.compile`` (compiled once per process, on first use),
+    or None where compilation failed (no C++ compiler, an unsupported platform): the caller falls back."""
+    fn = _COMPILED.get("terms")
+    if fn is None:
+        if _COMPILED.get("failed"):
+            return None
+        fn = _COMPILED["terms"] = torch.compile(lspp_terms_reference, dynamic=False)
+    try:
+        return fn(logits, c_logits, labels, alpha)
+    except Exception as e:  # torch.compile raises its backend's errors (BackendCompilerFailed, InductorError, ...)
+        _COMPILED.update(terms=None, failed=True)
+        warnings.warn(f"LS++: the compiled loss is not available here ({type(e).__name__}); using the fused node")
+        return None
 
 
 def _square(rows: torch.Tensor, diagonal: float, flat_index: torch.Tensor) -> torch.Tensor:
@@ -159,17 +188,9 @@ class _LSPPTerms(torch.autograd.Function):
     It must equal :func:`lspp_terms_reference` (the definition) in values and gradients;
     tests/test_lspp.py checks both forms with gradcheck and against each other in float64.
 
-    Why it is the default (``LSPPLoss(fused=True)``): it is faster, though only the loss
-    itself shows it. Loss forward+backward alone (``LSPPLoss.loss_terms`` + backward, the two
-    forms interleaved, medians of 300 x 20 calls; AMD EPYC, torch 2.14.1), two runs with 2
-    threads: B=128, K=10: 104-106 us fused vs 147-150 us plain autograd (paired ratios
-    1.40x, 1.45x); B=256, K=200: 437-456 us vs 701-737 us (1.62x, 1.65x); with 1 thread
-    1.42x and 1.23x. In a whole training step the ~0.04 ms saved is below this
-    shared machine's noise: `OMP_NUM_THREADS=2 python -m kd bench --preset fmnist-lenet
-    --sources onehot,lspp,lspp-autograd --steps 1 --repeats 400 --warmup 20`, run four
-    times, gave paired ratios to onehot of 1.012 / 1.023, 1.023 / 1.019, 1.052 / 1.066
-    and 0.980 / 1.021 (fused / autograd); the quietest run had step medians of 5.80 (onehot),
-    6.14 (fused) and 6.20 ms (autograd).
+    It is the default because the loss alone runs 1.4-1.65x faster than the plain-autograd form
+    (in a whole LeNet step the difference is within noise); the measurements are in
+    benchmarks/README.md, "Measurements behind implementation choices".
     """
 
     @staticmethod

@@ -9,8 +9,8 @@ class LabelSmoothing(TableSource):
 
     Trained through the table (a row gather and the fused soft-target cross-entropy): equal in
     value to ``F.cross_entropy(..., label_smoothing=alpha)`` and cheaper than torch's
-    label-smoothing path, which is not fused (15.2 vs 21.6 us forward, B=128, K=10 on CPU,
-    ``python -m benchmarks.micro``).
+    label-smoothing path, which is not fused (benchmarks/README.md, "Measurements behind
+    implementation choices").
     """
 
     name = "ls"

@@ -360,3 +360,16 @@ def test_the_paper_pipeline_costs_lenet_points_on_the_test_set_but_not_on_valida
     assert abs(acc["matched", "test"] - acc["matched", "val"]) < 0.02
     assert acc["paper", "val"] - acc["paper", "test"] > 0.05
     assert acc["matched", "test"] - acc["paper", "test"] > 0.04
+
+
+def test_claim_verdicts_follow_welchs_test_in_the_claimed_direction():
+    from benchmarks.claims import verdict
+
+    a, b = pd.Series([0.91, 0.912, 0.914]), pd.Series([0.900, 0.901, 0.903])
+    diff, se, p, v = verdict(a, b)
+    assert v == "holds" and diff == pytest.approx(a.mean() - b.mean())
+    assert se == pytest.approx(np.sqrt(a.var() / 3 + b.var() / 3)) and p < 0.05
+    assert verdict(b, a)[3] == "does not hold"
+    assert verdict(a, b, lower_is_better=True)[3] == "does not hold"  # a is higher: worse where lower is better
+    assert verdict(pd.Series([0.90, 0.93, 0.91]), pd.Series([0.905, 0.92, 0.90]))[3] == "within noise"
+    assert verdict(pd.Series([0.9]), pd.Series([0.8]))[3] == "one seed: not judged"

@@ -97,3 +97,45 @@ def test_readme_results_table_is_the_committed_csv(name):
     table = summary_table(df)
     assert table in (ROOT / "benchmarks" / "README.md").read_text()
     assert table in (ROOT / "benchmarks" / "results" / f"{name}.md").read_text()
+
+
+def _study_results():
+    """(sweep file, results prefix) for every committed sweep whose CSV benchmarks/README.md names."""
+    from conftest import ROOT
+
+    readme = (ROOT / "benchmarks" / "README.md").read_text()
+    out = []
+    for f in sorted((ROOT / "benchmarks" / "sweeps").glob("*.yaml")):
+        prefix = ROOT / load_sweep(f)["results"]
+        if prefix.with_suffix(".csv").is_file() and f"{load_sweep(f)['results']}.csv" in readme:
+            out.append(pytest.param(f, prefix, id=f.stem))
+    return out
+
+
+@pytest.mark.parametrize("sweep, prefix", _study_results())
+def test_benchmarks_readme_study_tables_are_the_committed_csvs(sweep, prefix):
+    """Each table in benchmarks/README.md is made from its CSV by the sweep's own functions."""
+    from conftest import ROOT
+    from kd.app.sweep import selection_table
+
+    readme = (ROOT / "benchmarks" / "README.md").read_text()
+    df = pd.read_csv(prefix.with_suffix(".csv"))
+    assert summary_table(df) in readme and summary_table(df) in prefix.with_suffix(".md").read_text()
+    sel = prefix.with_name(prefix.name + "_selection.csv")
+    if sel.is_file():
+        table = selection_table(pd.read_csv(sel))
+        assert table in readme and table in prefix.with_suffix(".md").read_text()
+    spec = load_sweep(sweep)
+    finished = df.groupby("name")["seed"].nunique()
+    assert all(finished.get(r["name"], 0) == len(r.get("seeds", spec["seeds"])) for r in spec["runs"]
+               if r["verb"] in ("train-teacher", "distill") and r.get("table", True)), "a run of the table is missing seeds"
+
+
+def test_benchmarks_readme_claims_table_is_made_from_the_committed_csvs():
+    from conftest import ROOT
+    from benchmarks.claims import claims_frame, markdown
+
+    df = claims_frame()
+    if df.empty:
+        pytest.skip("no study CSV committed yet")
+    assert markdown(df) in (ROOT / "benchmarks" / "README.md").read_text()
