@@ -246,9 +246,37 @@ def test_fused_node_refuses_double_backward_and_the_definition_allows_it():
 def test_bench_rows_time_both_forms():
     from benchmarks.cost import bench_rows
 
-    assert LSPPLoss.bench_rows() == {"lspp": {}, "lspp-autograd": {"fused": False}}
-    assert {"lspp", "lspp-autograd"} <= set(bench_rows())
+    assert LSPPLoss.bench_rows() == {"lspp": {}, "lspp-compiled": {"compiled": True}, "lspp-autograd": {"fused": False}}
+    assert {"lspp", "lspp-compiled", "lspp-autograd"} <= set(bench_rows())
     fused = LSPPLoss.stand_in(SourceContext(7, options={}))
     plain = LSPPLoss.stand_in(SourceContext(7, options={"fused": False, "alpha": 0.3}))
     assert (fused.fused, fused.alpha, fused.num_classes) == (True, 0.1, 7)
     assert (plain.fused, plain.alpha, plain.num_classes) == (False, 0.3, 7)
+
+
+def test_the_compiled_form_equals_the_definition_and_falls_back_to_the_fused_node(monkeypatch):
+    import teachers.lspp as lspp
+
+    k, b, alpha = 10, 64, 0.1
+    z0, theta, y = draw(k, b, 61, dtype=torch.float32)
+    results = []
+    for kwargs in ({"fused": False}, {"compiled": True}):
+        loss_fn = LSPPLoss(k, alpha, **kwargs)
+        with torch.no_grad():
+            loss_fn.c_logits.copy_(theta)
+        z = z0.clone().requires_grad_(True)
+        terms = loss_fn.loss_terms(z, y)
+        (terms["lspp_net"] * 2 + terms["lspp_c"] * 0.25).backward()
+        results.append((terms["lspp_net"].detach(), terms["lspp_c"].detach(), z.grad, loss_fn.c_logits.grad))
+    if lspp._COMPILED.get("failed"):
+        pytest.skip("torch.compile is not available here: the fallback is tested below")
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler")
+    monkeypatch.setattr(lspp, "_COMPILED", {"terms": broken})
+    z = z0.clone().requires_grad_(True)
+    with pytest.warns(UserWarning, match="compiled loss is not available"):
+        terms = LSPPLoss(k, alpha, compiled=True).loss_terms(z, y)
+    assert "_LSPPTerms" in type(terms["lspp_net"].grad_fn).__name__  # the fused node took over
