@@ -3,16 +3,21 @@
 Every source trains its own copy of the same student (same initial weights, same batches,
 same optimiser) through the engine's real training step; ``bare`` is a hand-written PyTorch
 loop with no framework code, the floor. Warm-up steps are not timed; sources are interleaved
-round-robin over the repeats (the starting source rotates, every other repeat in reverse) so
-machine drift hits all alike; garbage collection is frozen while timing;
-each repeat times ``steps`` steps between two host clock reads, with a device synchronise
-before each read on CUDA and no host sync inside the steps.
+over the repeats in a fresh random order each repeat, so machine drift hits all alike and no row
+always follows the same neighbour; in step mode each row first takes one untimed step, so its
+timed steps run with its own weights and batch in the caches, as every step of a training run
+does. Rows that run a network on the inputs (a ResNet teacher online) are timed in a phase of
+their own after the others: a 60x step between two small ones evicts their caches, and the
+slow-down would be billed to its neighbours. Garbage collection is frozen while
+timing; each repeat times ``steps`` steps between two host clock reads, with a device
+synchronise before each read on CUDA and no host sync inside the steps.
 """
 from __future__ import annotations
 
 import copy
 import gc
 import os
+import random
 import statistics
 import time
 from dataclasses import dataclass
@@ -83,6 +88,7 @@ class _Runner:
         self.name, self.step, self.batches, self.compiled = name, step, batches, compiled
         self.times: list[float] = []
         self.compile_s = float("nan")
+        self.phase = "main"  # "heavy": the row runs a network on the inputs, timed apart (see phases)
 
 
 def _bare_runner(student: nn.Module, cfg, device, amp_dtype, batches, compiled: bool = False,
@@ -139,7 +145,10 @@ def framework_runner(name, student, source, cfg, batches, compiled: bool = False
     training = prepare_training(make_accelerator(cfg), student, source, cfg, steps_per_epoch=10**6)
     if compiled:
         compile_training(training, backend, mode)
-    return _Runner(name + compiled_suffix(mode) * compiled, training.step, batches, compiled)
+    r = _Runner(name + compiled_suffix(mode) * compiled, training.step, batches, compiled)
+    if source.needs_inputs:
+        r.phase = "heavy"
+    return r
 
 
 def synthetic_batches(preset: Preset, batch: int, device, channels_last: bool, n_cached: int, count: int = 4):
@@ -211,6 +220,13 @@ def warm_up(r: _Runner, warmup: int, dev) -> None:
             r.compile_s = time.perf_counter() - t0
 
 
+def phases(runners: list[_Runner]) -> tuple[list[_Runner], list[_Runner]]:
+    """(main rows, heavy rows): a heavy row runs a network on the inputs each step (``network``,
+    ``tfkd-self``: tens of times a small student's step), and its phase is set by the runner that
+    made it. Decided by what the row does, not by timing its warm-up, which a busy machine skews."""
+    return [r for r in runners if r.phase != "heavy"], [r for r in runners if r.phase == "heavy"]
+
+
 def _load_average() -> float:
     """The machine's 1-minute load average (NaN where the OS does not say): a noisy run shows in the CSV."""
     try:
@@ -219,15 +235,22 @@ def _load_average() -> float:
         return float("nan")
 
 
-def timed_repeats(runners: list[_Runner], repeats: int, steps: int, mode: str, dev, log) -> None:
-    """Round-robin over the rows, ``repeats`` times. The starting row rotates and every other
-    repeat runs in reverse, so each row follows two different neighbours (cache and allocator
-    state left by the previous row differ by row). Garbage collection is frozen meanwhile: a full
-    collection walks every live object and would land in whichever step crosses the threshold."""
+def timed_repeats(runners: list[_Runner], repeats: int, steps: int, mode: str, dev, log, seed: int = 0) -> None:
+    """``repeats`` rounds over the rows, each round in a fresh random order (seeded), so no row
+    always follows the same neighbour. In step mode every row takes one untimed step right before
+    its timed ones: a step then finds its own weights, gradients and batch in the caches, as each
+    step of a training run finds its predecessor's. Heavy rows (see :func:`phases`) run in a second
+    phase, after every main-phase round, so their cache eviction is not billed to small rows.
+    Garbage collection is frozen meanwhile: a full collection walks every live object and would
+    land in whichever step crosses the threshold."""
+    main, heavy = phases(runners)
+    rng = random.Random(seed)
     gc.collect()
     gc.freeze()
     try:
-        _round_robin(runners, repeats, steps, mode, dev, log)
+        for group in (main, heavy):
+            if group:
+                _rounds(group, repeats, steps, mode, dev, log, rng)
     finally:
         gc.unfreeze()
 
@@ -242,16 +265,26 @@ def timing_columns(r: _Runner, base: _Runner | None, batch: int) -> dict:
         "source": r.name, "step_ms_median": med, "step_ms_min": min(r.times), "step_ms_max": max(r.times),
         "images_per_s": batch / med * 1000.0,
         "ratio_vs_onehot": med / statistics.median(base.times) if base else nan,
-        "paired_ratio_vs_onehot": statistics.median(a / b for a, b in zip(r.times, base.times)) if base else nan,
+        "paired_ratio_vs_onehot": paired_ratio(r, base) if base else nan,
+        "phase": r.phase,
     }
 
 
-def _round_robin(runners: list[_Runner], repeats: int, steps: int, mode: str, dev, log) -> None:
+def paired_ratio(a: _Runner, b: _Runner) -> float:
+    """Median over repeats of a's time over b's in the same round; rows timed in different phases
+    (see :func:`phases`) were not adjacent in time, so theirs is the ratio of the medians."""
+    if a.phase != b.phase:
+        return statistics.median(a.times) / statistics.median(b.times)
+    return statistics.median(x / y for x, y in zip(a.times, b.times))
+
+
+def _rounds(runners: list[_Runner], repeats: int, steps: int, mode: str, dev, log, rng: random.Random) -> None:
     for rep in range(repeats):
-        order = runners[rep % len(runners):] + runners[: rep % len(runners)]
-        if rep % 2:
-            order.reverse()
+        order = list(runners)
+        rng.shuffle(order)
         for r in order:
+            if mode == "step":  # untimed: the caches hold this row's data, not the previous row's
+                r.step(*r.batches.next())
             sync(dev)
             t0 = time.perf_counter()
             if mode == "epoch":
@@ -265,8 +298,8 @@ def _round_robin(runners: list[_Runner], repeats: int, steps: int, mode: str, de
                     r.step(*r.batches.next())
             sync(dev)
             r.times.append((time.perf_counter() - t0) / steps * 1000.0)
-        if log:
-            log(f"repeat {rep + 1}/{repeats} done")
+        if log and (rep + 1) % max(1, repeats // 10) == 0:
+            log(f"{runners[0].phase} phase: repeat {rep + 1}/{repeats} done")
 
 
 def run_bench(preset: str, device: str = "cpu", batch_size: int | None = None, steps: int | None = None,
@@ -380,7 +413,7 @@ def run_bench(preset: str, device: str = "cpu", batch_size: int | None = None, s
         if compile:
             eager = by_name[r.name.removesuffix(compiled_suffix(compile_mode))]
             row.update(compiled=r.compiled, compile_mode=compile_mode if r.compiled else "none", compile_s=r.compile_s,
-                       paired_speedup_vs_eager=statistics.median(a / b for a, b in zip(eager.times, r.times)))
+                       paired_speedup_vs_eager=paired_ratio(eager, r))
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -14,8 +14,9 @@ the device. For each K the rows are
 
 Every row trains its own copy of the same student through the engine's real step
 (``kd.engine.prepare_training(...).step``), timed as ``benchmarks.cost.run_bench`` does:
-untimed warm-up, repeats interleaved round-robin with a rotating start, a device synchronise
-around each timed block, medians and the paired (within-repeat) ratio to 1-hot of the same K.
+untimed warm-up, repeats interleaved in a fresh random order each round with one untimed step
+before each timed block, a device synchronise around each timed block, medians and the paired
+(within-repeat) ratio to 1-hot of the same K.
 ``artifact_bytes`` is the size on disk of the file each source would be read from, measured by
 writing the stand-in through the real save function into a temporary directory
 (``artifact_bytes_kind`` "disk"; "none" for 1-hot); ``source_buffer_bytes`` is what the source

@@ -216,7 +216,6 @@ class _LSPPTerms(torch.autograd.Function):
         grad_logits = (p - t).mul_(grad_net * ctx.scale)
         q = p.gather(1, offdiag_cols.index_select(0, labels))  # p at each sample's non-target classes, B x (K-1)
         q_by_class = torch.zeros_like(log_s).index_add_(0, labels, q)
-        mass_by_class = torch.zeros(log_s.shape[0], 1, dtype=p.dtype, device=p.device).index_add_(
-            0, labels, q.sum(1, keepdim=True))
+        mass_by_class = q_by_class.sum(1, keepdim=True)  # sum over class y's samples of sum_{j != y} p_j
         grad_c_logits = (mass_by_class * log_s.exp()).sub_(q_by_class).mul_(grad_c * ctx.scale)
         return grad_logits, grad_c_logits, None, None, None, None

@@ -19,6 +19,8 @@ COLUMNS = ["source", "step_ms_median", "step_ms_min", "step_ms_max", "images_per
 def test_every_source_has_a_row_and_ratios_come_from_medians():
     df = run_bench("digits", steps=1, repeats=3, warmup=1, batch_size=16, log=None)
     assert df["source"].tolist() == bench_rows()
+    heavy = set(df.loc[df["phase"] == "heavy", "source"])
+    assert heavy == {"network", "tfkd-self"}  # the rows that run a teacher network on the inputs
     assert set(COLUMNS) <= set(df.columns)
     onehot = df.set_index("source").loc["onehot", "step_ms_median"]
     for r in df.itertuples():
@@ -28,6 +30,33 @@ def test_every_source_has_a_row_and_ratios_come_from_medians():
     assert (df["input_shape"] == "1x8x8").all() and (df["batch_size"] == 16).all()
     text = markdown(df)
     assert "| network |" in text and "network / proxy step time" in text
+
+
+def test_heavy_rows_are_timed_apart_and_every_timed_step_follows_one_of_its_own():
+    from benchmarks.cost import _Runner, paired_ratio, timed_repeats
+
+    calls = []
+
+    class Batches:
+        def next(self):
+            return (None, None, None)
+
+    def runner(name, phase="main"):
+        r = _Runner(name, lambda x, y, idx: calls.append(name), Batches())
+        r.phase = phase
+        return r
+
+    rows = [runner("a"), runner("big", "heavy"), runner("b"), runner("c")]
+    timed_repeats(rows, repeats=8, steps=1, mode="step", dev=torch.device("cpu"), log=None)
+    assert all(len(r.times) == 8 for r in rows)
+    # every row's calls come in pairs: an untimed step, then the timed one
+    assert all(calls[i] == calls[i + 1] for i in range(0, len(calls), 2))
+    pairs = calls[::2]
+    assert pairs[-8:] == ["big"] * 8 and "big" not in pairs[:-8]  # the heavy row after every main round
+    rounds = [tuple(pairs[i:i + 3]) for i in range(0, 24, 3)]
+    assert len(set(rounds)) > 1 and all(sorted(r) == ["a", "b", "c"] for r in rounds)
+    rows[0].times, rows[1].times = [2.0] * 8, [30.0] * 7 + [60.0]  # across phases: a ratio of medians
+    assert paired_ratio(rows[1], rows[0]) == pytest.approx(15.0)
 
 
 def test_real_data_mode_draws_batches_from_the_loader():
