@@ -373,3 +373,53 @@ def test_claim_verdicts_follow_welchs_test_in_the_claimed_direction():
     assert verdict(a, b, lower_is_better=True)[3] == "does not hold"  # a is higher: worse where lower is better
     assert verdict(pd.Series([0.90, 0.93, 0.91]), pd.Series([0.905, 0.92, 0.90]))[3] == "within noise"
     assert verdict(pd.Series([0.9]), pd.Series([0.8]))[3] == "one seed: not judged"
+
+
+def test_a_fresh_clone_keeps_the_committed_rows_and_trains_only_what_is_missing(tmp_path):
+    """Run directories do not travel with the repository; the committed results do. A sweep rerun
+    where its directories are gone keeps the committed rows, chooses rates from the committed
+    validation rows, and trains only the runs that are missing or whose directory another run reads."""
+    import shutil
+
+    from kd.app.sweep import run_sweep
+
+    f = tmp_path / "s.yaml"
+    f.write_text(SWEEP.replace("exclusive: true", "exclusive: false").format(d=tmp_path))
+    seen = []
+
+    def log(line):
+        seen.append(line)
+        if "alone seed 1 ..." in line:  # the results grow run by run, before the sweep ends
+            rows = pd.read_csv(tmp_path / "results" / "sel.csv")
+            assert ("alone", 0) in set(zip(rows["name"], rows["seed"]))
+
+    first = run_sweep(f, log=log, jobs=1).set_index(["name", "seed"]).sort_index()
+    assert any("alone seed 1 ..." in line for line in seen)
+    shutil.rmtree(tmp_path / "runs")  # a fresh clone: only results/ is left
+    seen.clear()
+    again = run_sweep(f, log=seen.append, jobs=1).set_index(["name", "seed"]).sort_index()
+    started = {line.split(" ...")[0].removeprefix("[sweep] ") for line in seen if line.endswith(" ...")}
+    assert started == set()  # every row is committed; the teacher and the cache are read by committed runs only
+    kept = list(first.index.get_level_values(0).unique())
+    pd.testing.assert_frame_equal(first.loc[kept, ["lr", "test_acc", "test_ece"]],
+                                  again.loc[kept, ["lr", "test_acc", "test_ece"]])
+    sel = pd.read_csv(tmp_path / "results" / "sel_selection.csv")
+    assert sorted(sel.loc[sel.chosen, "name"]) == ["alone", "pt"] and len(sel) == 4
+
+    # a missing row of a run that reads a cache: the cache and the teacher it is made from come back first
+    csv = tmp_path / "results" / "sel.csv"
+    rows = pd.read_csv(csv)
+    rows[~((rows["name"] == "cached") & (rows["seed"] == 1))].to_csv(csv, index=False)
+    seen.clear()
+    run_sweep(f, log=seen.append, jobs=1)
+    started = {line.split(" ...")[0].removeprefix("[sweep] ") for line in seen if line.endswith(" ...")}
+    assert started == {"teacher seed 0", "teacher seed 1", "cache seed 0", "cache seed 1", "cached seed 1"}
+    assert len(pd.read_csv(csv)) == len(first)
+
+    # a committed row made with other settings is not taken: the run is trained again
+    shutil.rmtree(tmp_path / "runs")
+    f.write_text(SWEEP.replace("exclusive: true", "exclusive: false").replace("epochs: 2", "epochs: 1").format(d=tmp_path))
+    seen.clear()
+    run_sweep(f, log=seen.append, jobs=1)
+    assert any(line.startswith("[sweep] alone seed 0 ...") for line in seen)
+    assert (pd.read_csv(tmp_path / "results" / "sel.csv")["epochs"] == 1).all()

@@ -25,7 +25,14 @@ result in ``RESULTS_selection.csv``.
 
 A run whose ``summary.json`` exists is skipped (after checking that its config.yaml holds
 the values this file asks for, so two sweep files can share runs), so an interrupted sweep
-resumes where it stopped; a run killed between epochs continues from its checkpoint. A run
+resumes where it stopped. The results are rewritten after every finished run, so that they can
+be committed as they grow. A run whose directory is gone (a fresh clone, another machine) but
+whose row is in the committed results of a sweep file beside this one with the same
+``runs_dir`` is not trained again: the row is kept, and a validation row still chooses its
+rate. Such a row is used only when its name, seed, verb, model, method, preprocessing, epochs
+and learning rate are what this file asks for (validation rows: the rate, split share and
+split seed). A run whose directory other runs read (a teacher, an export's source) and an
+export are run again only when a run that reads them has to run; a run killed between epochs continues from its checkpoint. A run
 directory left with neither a summary nor a checkpoint is moved aside to
 ``seedS.interrupted-TIME``, never deleted. With ``--jobs N`` N runs train at once, each in a
 process of its own with the machine's threads split between them (on a GPU they share it);
@@ -183,6 +190,41 @@ def _selection_dir(spec, name: str, lr: float, seed: int) -> Path:
     return Path(spec["runs_dir"]) / name / "select" / f"{_lr_tag(lr)}-seed{seed}"
 
 
+def ledger(spec, sweeps_dir: Path | None) -> dict[Path, dict[str, Any]]:
+    """Runs recorded in the committed results of the sweep files in ``sweeps_dir`` that share this
+    sweep's ``runs_dir``: run directory -> its CSV row (``_kind`` final) or validation row (select)."""
+    out: dict[Path, dict[str, Any]] = {}
+    if sweeps_dir is None:
+        return out
+    for f in sorted(Path(sweeps_dir).glob("*.yaml")):
+        try:
+            other = load_sweep(f)
+        except (KDError, OSError, yaml.YAMLError):
+            continue  # not a sweep file, or one this version cannot read: nothing recorded
+        if other["runs_dir"] != spec["runs_dir"]:
+            continue
+        prefix = Path(other["results"])
+        for path, kind in ((prefix.with_suffix(".csv"), "final"),
+                           (prefix.with_name(prefix.name + "_selection.csv"), "select")):
+            if not path.is_file():
+                continue
+            for r in pd.read_csv(path).to_dict("records"):
+                if kind == "final":
+                    out[_run_dir(other, r["name"], int(r["seed"]))] = {**r, "_kind": kind}
+                else:
+                    out[_selection_dir(other, r["name"], float(r["lr"]), int(r["seed"]))] = {**r, "_kind": kind}
+    return out
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        try:
+            return abs(float(a) - float(b)) <= 1e-12 * max(1.0, abs(float(b)))
+        except (TypeError, ValueError):
+            return False
+    return a == b
+
+
 @dataclass
 class Task:
     """One run directory to fill: a selection run, a final run or a proxy export."""
@@ -206,9 +248,11 @@ class Task:
 class Plan:
     """Every task of a sweep with its dependencies, and the learning rates chosen so far."""
 
-    def __init__(self, spec):
+    def __init__(self, spec, sweeps_dir: Path | None = None):
         self.spec = spec
         self.runs = {r["name"]: r for r in spec["runs"]}
+        self.ledger = ledger(spec, sweeps_dir)
+        self.read_by_others = {ref for r in spec["runs"] for ref in references(r)}
         self.tasks: dict[tuple, Task] = {}
         for run in spec["runs"]:
             name = run["name"]
@@ -243,11 +287,45 @@ class Plan:
             return self.chosen_lr(run["lr_from"])
         if not selects(self.spec, run):
             return None  # the config's own
-        table = selection_frame(self.spec, [run])
+        table = selection_frame(self.spec, [run], ledger_of=self)
         if table.empty:
             return None
         means = table.groupby("lr")["val_acc"].mean()
         return float(means.index[means.values == means.max()].min())
+
+    def recorded(self, task: Task) -> dict[str, Any] | None:
+        """``task``'s row in the committed results when its directory holds no run and the row
+        matches what this sweep asks (see the module's docstring); else None."""
+        if task.kind == "export" or task.out.exists():
+            return None
+        row = self.ledger.get(task.out)
+        if row is None or row["_kind"] != task.kind:
+            return None
+        if task.kind == "select":
+            sel = _selection(self.spec)
+            want = {"lr": task.lr, "val_fraction": sel["val_fraction"], "val_seed": sel["val_seed"]}
+        else:
+            cfg = self.config(task)
+            run = self.runs[task.name]
+            want = {"verb": run["verb"], "model": cfg.model, "preprocess": cfg.preprocess, "epochs": cfg.epochs,
+                    "lr": cfg.lr, **({"method": cfg.method} if run["verb"] == "train-teacher" else {})}
+        return row if all(_same(row.get(k), v) for k, v in want.items()) else None
+
+    def needed(self, name: str) -> bool:
+        """Whether run ``name``'s directories must exist: a run that reads them still has to run
+        (neither finished nor in the committed results), or nothing reads them (the run is a product)."""
+        readers = {r["name"] for r in self.spec["runs"] if name in references(r)}
+        if not readers:
+            return True
+        for t in self.tasks.values():
+            if t.name not in readers or _finished(t, self.runs[t.name]["verb"]):
+                continue
+            if t.kind != "select" and (t.kind == "export" or t.name in self.read_by_others):
+                if self.needed(t.name):
+                    return True
+            elif self.recorded(t) is None:
+                return True
+        return False
 
     def config(self, task: Task) -> TrainConfig:
         run = self.runs[task.name]
@@ -349,7 +427,7 @@ def run_sweep(path: str | Path, log: Callable[[str], None] | None = print, jobs:
         raise KDError(f"--jobs must be at least 1, got {jobs}")
     spec = load_sweep(path)
     log = log or (lambda *_: None)
-    plan = Plan(spec)
+    plan = Plan(spec, Path(path).parent)
     started = time.perf_counter()
     done: set = set()
     failed: dict[tuple, str] = {}
@@ -406,6 +484,9 @@ def run_sweep(path: str | Path, log: Callable[[str], None] | None = print, jobs:
                 ev = summary.get("evaluated_on")
                 score = f"{ev} acc {summary[ev + '_acc']:.4f} " if ev else "written "
                 log(f"[sweep] {task.label()}: {score}({time.perf_counter() - t0:.0f}s)")
+                if task.kind != "export":  # the results grow run by run: commit them as they come
+                    write_results(spec, collect(spec, plan), selection_frame(spec, spec["runs"], plan),
+                                  time.perf_counter() - started, path)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     df = collect(spec, plan)
@@ -421,7 +502,7 @@ def _job(plan: Plan, task: Task, log) -> dict[str, Any] | None:
     """The plain description of ``task`` for :func:`execute`, or None when it is already finished."""
     run = plan.runs[task.name]
     if task.kind == "export":
-        if _finished(task, run["verb"]):
+        if _finished(task, run["verb"]) or not plan.needed(task.name):
             return None
         src = Path(plan.spec["runs_dir"]) / run["run"] / f"seed{task.seed}"
         return {"verb": run["verb"], "out": str(task.out), "src": str(src), "from": run.get("from", "auto"),
@@ -430,26 +511,39 @@ def _job(plan: Plan, task: Task, log) -> dict[str, Any] | None:
     if _finished(task, run["verb"]):
         _check_same_config(task, asked)
         return None
+    if task.kind == "final" and task.name in plan.read_by_others:  # other runs read its directory
+        if not plan.needed(task.name):
+            log(f"[sweep] {task.label()}: every run that reads it is finished or committed; not run again")
+            return None
+    elif plan.recorded(task) is not None:
+        log(f"[sweep] {task.label()}: in the committed results, not run again")
+        return None
     resume = _move_aside_if_interrupted(task, log)
     if resume:
         _check_same_config(task, asked)
     return {"verb": run["verb"], "config": plan.config(task).to_dict(), "out": str(task.out), "resume": resume}
 
 
-def selection_frame(spec, run_list: list[dict[str, Any]], plan: Plan | None = None) -> pd.DataFrame:
-    """One row per finished validation run of the runs in ``run_list``: name, lr, seed, val metrics, chosen."""
+def selection_frame(spec, run_list: list[dict[str, Any]], plan: Plan | None = None,
+                    ledger_of: Plan | None = None) -> pd.DataFrame:
+    """One row per finished validation run of the runs in ``run_list``: name, lr, seed, val metrics, chosen.
+    A run whose directory is gone comes from the committed results of ``ledger_of`` (or ``plan``)."""
     rows = []
     sel = _selection(spec)
+    book = ledger_of or plan
     for run in run_list:
         if not selects(spec, run):
             continue
         for lr in lr_grid(spec, run):
             for s in sel["seeds"]:
-                p = _selection_dir(spec, run["name"], lr, s) / runs.SUMMARY
+                d = _selection_dir(spec, run["name"], lr, s)
+                p = d / runs.SUMMARY
                 if p.is_file():
                     m = json.loads(p.read_text())
                     rows.append({"name": run["name"], "lr": lr, "seed": s, "val_fraction": sel["val_fraction"],
                                  "val_seed": sel["val_seed"], **{k: m[k] for k in m if k.startswith("val_") and k not in ("val_fraction", "val_seed")}})
+                elif book is not None and (row := book.recorded(Task(run["name"], "select", s, d, lr))) is not None:
+                    rows.append({k: v for k, v in row.items() if k not in ("_kind", "chosen")})
     df = pd.DataFrame(rows)
     if plan is not None and not df.empty:
         df["chosen"] = [plan.chosen_lr(n) == lr for n, lr in zip(df["name"], df["lr"])]
@@ -459,7 +553,7 @@ def selection_frame(spec, run_list: list[dict[str, Any]], plan: Plan | None = No
 def collect(spec, plan: Plan | None = None) -> pd.DataFrame:
     """One tidy row per finished (run, seed) that belongs in the table."""
     plan = plan or Plan(spec)
-    sel = selection_frame(spec, spec["runs"])
+    sel = selection_frame(spec, spec["runs"], ledger_of=plan)
     rows = []
     for run in spec["runs"]:
         if run["verb"] in ARTIFACTS or run.get("table", True) is False:
@@ -468,6 +562,9 @@ def collect(spec, plan: Plan | None = None) -> pd.DataFrame:
         for seed in run.get("seeds", spec["seeds"]):
             p = _run_dir(spec, run["name"], seed) / runs.SUMMARY
             if not p.is_file():
+                row = plan.recorded(Task(run["name"], "final", seed, p.parent))
+                if row is not None:  # committed earlier, its directory gone: the committed row stands
+                    rows.append({k: v for k, v in row.items() if k != "_kind"})
                 continue
             s = json.loads(p.read_text())
             cfg = yaml.safe_load((p.parent / runs.CONFIG).read_text()) or {}
