@@ -32,9 +32,9 @@ whose row is in the committed results of a sweep file beside this one with the s
 rate. Such a row is used only when its name, seed, verb, model, method, preprocessing, epochs
 and learning rate are what this file asks for (validation rows: the rate, split share and
 split seed). A run whose directory other runs read (a teacher, an export's source) and an
-export are run again only when a run that reads them has to run; a run killed between epochs continues from its checkpoint. A run
-directory left with neither a summary nor a checkpoint is moved aside to
-``seedS.interrupted-TIME``, never deleted. With ``--jobs N`` N runs train at once, each in a
+export are run again only when a run that reads them has to run. A run killed between epochs
+continues from its checkpoint. A run directory left with neither a summary nor a checkpoint is
+moved aside to ``seedS.interrupted-TIME``, never deleted. With ``--jobs N`` N runs train at once, each in a
 process of its own with the machine's threads split between them (on a GPU they share it);
 a run starts when the runs it names have finished. A failed run is reported and the others
 go on; its dependants are skipped.
@@ -311,21 +311,20 @@ class Plan:
                     "lr": cfg.lr, **({"method": cfg.method} if run["verb"] == "train-teacher" else {})}
         return row if all(_same(row.get(k), v) for k, v in want.items()) else None
 
+    def must_run(self, task: Task) -> bool:
+        """Whether ``task`` has to train or write now: it is not finished, and it is neither in the
+        committed results nor, for an export or a run other runs read, needed by no unfinished reader."""
+        if _finished(task, self.runs[task.name]["verb"]):
+            return False
+        if task.kind == "export" or (task.kind == "final" and task.name in self.read_by_others):
+            return self.needed(task.name)
+        return self.recorded(task) is None
+
     def needed(self, name: str) -> bool:
         """Whether run ``name``'s directories must exist: a run that reads them still has to run
         (neither finished nor in the committed results), or nothing reads them (the run is a product)."""
         readers = {r["name"] for r in self.spec["runs"] if name in references(r)}
-        if not readers:
-            return True
-        for t in self.tasks.values():
-            if t.name not in readers or _finished(t, self.runs[t.name]["verb"]):
-                continue
-            if t.kind != "select" and (t.kind == "export" or t.name in self.read_by_others):
-                if self.needed(t.name):
-                    return True
-            elif self.recorded(t) is None:
-                return True
-        return False
+        return not readers or any(self.must_run(t) for t in self.tasks.values() if t.name in readers)
 
     def config(self, task: Task) -> TrainConfig:
         run = self.runs[task.name]
@@ -502,7 +501,7 @@ def _job(plan: Plan, task: Task, log) -> dict[str, Any] | None:
     """The plain description of ``task`` for :func:`execute`, or None when it is already finished."""
     run = plan.runs[task.name]
     if task.kind == "export":
-        if _finished(task, run["verb"]) or not plan.needed(task.name):
+        if not plan.must_run(task):
             return None
         src = Path(plan.spec["runs_dir"]) / run["run"] / f"seed{task.seed}"
         return {"verb": run["verb"], "out": str(task.out), "src": str(src), "from": run.get("from", "auto"),
@@ -511,12 +510,8 @@ def _job(plan: Plan, task: Task, log) -> dict[str, Any] | None:
     if _finished(task, run["verb"]):
         _check_same_config(task, asked)
         return None
-    if task.kind == "final" and task.name in plan.read_by_others:  # other runs read its directory
-        if not plan.needed(task.name):
-            log(f"[sweep] {task.label()}: every run that reads it is finished or committed; not run again")
-            return None
-    elif plan.recorded(task) is not None:
-        log(f"[sweep] {task.label()}: in the committed results, not run again")
+    if not plan.must_run(task):
+        log(f"[sweep] {task.label()}: in the committed results, or read only by runs that are; not run again")
         return None
     resume = _move_aside_if_interrupted(task, log)
     if resume:
