@@ -4,14 +4,20 @@ Registered names (``lenet``, ``mlp``, ``resnet18`` ... ``resnet101``, ``shufflen
 ``densenet121``) are small-input variants: a 3x3 stride-1 stem and no stem max-pool, as the
 paper used on 32x32 and 64x64 images. ``resnet8`` and ``resnet20`` are He et al.'s CIFAR nets. ``timm:NAME`` and ``torchvision:NAME`` take a library
 model as it is; a bare name not registered here is looked up in timm, then torchvision.
+:func:`build_model` adds the weights a run starts from: a file (``--init``) or the library's own
+pretrained weights (``--pretrained``, timm and torchvision names only).
 """
 from __future__ import annotations
 
-from typing import Callable
+import os
+import socket
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
+from kd.checkpoints import Checkpoint, load_into, read_checkpoint, sha256
 from kd.errors import KDError
 
 
@@ -200,3 +206,139 @@ def create_model(name: str, num_classes: int, in_channels: int = 3, image_size: 
     raise KDError(
         f"unknown model '{name}'; use one of {', '.join(MODELS)}, or timm:NAME / torchvision:NAME"
     )
+
+
+def library_of(name: str) -> str | None:
+    """'timm' or 'torchvision' for a model name those libraries build, None for proxykd's registered nets."""
+    if name in MODELS:
+        return None
+    if name.startswith("timm:"):
+        return "timm"
+    if name.startswith("torchvision:"):
+        return "torchvision"
+    import timm
+    import torchvision
+
+    if timm.is_model(name):
+        return "timm"
+    if name in torchvision.models.list_models():
+        return "torchvision"
+    return None
+
+
+def _bare(name: str) -> str:
+    return name.split(":", 1)[1] if name.startswith(("timm:", "torchvision:")) else name
+
+
+def _reachable(host: str, timeout: float = 3.0) -> bool:
+    """Whether ``host`` answers on port 443 within ``timeout`` seconds (a download would otherwise retry for a minute)."""
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _missing_weights(what: str, where: str, why: str) -> KDError:
+    return KDError(f"{what} are not in the local cache ({where}) and {why}; offline, download the file elsewhere "
+                   f"and pass it with --init FILE (init= in Python)")
+
+
+def _timm_pretrained(name: str, in_channels: int) -> Checkpoint:
+    """timm's pretrained weights through timm's own loader, from the local cache when the file is there."""
+    import timm
+
+    cfg = dict(timm.create_model(name, pretrained=False).pretrained_cfg or {})
+    hub_id, url = cfg.get("hf_hub_id"), cfg.get("url")
+    if not hub_id and not url and not cfg.get("file"):
+        raise KDError(f"timm has no pretrained weights for '{name}'; drop --pretrained or give --init FILE")
+    files = [cfg["hf_hub_filename"]] if cfg.get("hf_hub_filename") else ["model.safetensors", "pytorch_model.bin"]
+    local = None
+    if hub_id:
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        cache = constants.HF_HUB_CACHE
+        local = next((p for f in files if isinstance(p := try_to_load_from_cache(hub_id, f), str)), None)
+        what = f"timm's pretrained weights for '{name}' (Hugging Face hub '{hub_id}', {' or '.join(files)})"
+        host = "huggingface.co"
+    else:
+        cache = str(Path(torch.hub.get_dir()) / "checkpoints")
+        candidate = Path(cache) / os.path.basename(url or "")
+        local = str(candidate) if url and candidate.is_file() else None
+        what = f"timm's pretrained weights for '{name}' ({os.path.basename(url or '')})"
+        host = (url or "").split("/")[2] if url and "//" in url else "github.com"
+    overlay = {"file": local} if local else None
+    if local is None:
+        if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "false", "") or not _reachable(host):
+            raise _missing_weights(what, cache, f"{host} cannot be reached")
+    try:
+        model = timm.create_model(name, pretrained=True, in_chans=in_channels, pretrained_cfg_overlay=overlay)
+    except Exception as e:  # timm and huggingface_hub raise their own error types for a failed fetch
+        raise _missing_weights(what, cache, f"could not be fetched ({type(e).__name__}: {str(e).splitlines()[0][:160]})") \
+            from None
+    return Checkpoint(Path(local or f"timm:{name} (pretrained)"), model.state_dict(), None)
+
+
+def _torchvision_pretrained(name: str) -> Checkpoint:
+    """torchvision's default pretrained weights, from TORCH_HOME's cache (fetched there when reachable), read
+    with weights_only like every other file."""
+    import torchvision
+
+    try:
+        weights = torchvision.models.get_model_weights(name).DEFAULT
+    except (ValueError, KeyError, AttributeError):
+        raise KDError(f"torchvision has no pretrained weights for '{name}'; drop --pretrained or give --init FILE") \
+            from None
+    folder = Path(torch.hub.get_dir()) / "checkpoints"
+    file = folder / os.path.basename(weights.url)
+    if not file.is_file():
+        what = f"torchvision's pretrained weights for '{name}' ({file.name})"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(weights.url, str(file), progress=False)
+        except Exception as e:  # urllib's URLError, OSError, a hash mismatch
+            raise _missing_weights(what, str(folder), f"could not be downloaded ({type(e).__name__}: "
+                                   f"{str(e).splitlines()[0][:160] if str(e) else ''})") from None
+    return read_checkpoint(file)
+
+
+def pretrained_checkpoint(name: str, in_channels: int = 3) -> Checkpoint:
+    """The library's own pretrained weights for a timm or torchvision model name, at the library's number of classes."""
+    library = library_of(name)
+    if library is None:
+        raise KDError(f"--pretrained takes the library's weights of timm:NAME or torchvision:NAME models; '{name}' is "
+                      f"proxykd's own network: start it from a file with --init FILE")
+    if library == "timm":
+        return _timm_pretrained(_bare(name), in_channels)
+    if in_channels != 3:
+        raise KDError(f"torchvision's pretrained '{_bare(name)}' takes 3 input channels, the data set has {in_channels}; "
+                      f"use timm:{_bare(name)}, whose loader adapts the first convolution")
+    return _torchvision_pretrained(_bare(name))
+
+
+def build_model(name: str, num_classes: int, in_channels: int = 3, image_size: int = 32, *, init: str | None = None,
+                pretrained: bool = False, reset_head: bool = False, log: Callable[[str], None] | None = None
+                ) -> tuple[nn.Module, dict[str, Any]]:
+    """A model by name with the weights a run starts from: ``init`` (a file, read without running its code; see
+    :mod:`kd.checkpoints`) or the library's ``pretrained`` weights, loaded strictly; ``reset_head`` keeps a
+    fresh classifier for ``num_classes``. Returns the model and what to record in the run's config
+    (the file, its SHA-256, which entry of the file held the weights)."""
+    if init and pretrained:
+        raise KDError("--init FILE and --pretrained both give starting weights; choose one")
+    if reset_head and not (init or pretrained):
+        raise KDError("--reset-head re-initialises the classifier of --init or --pretrained weights; give one of them")
+    model = create_model(name, num_classes, in_channels, image_size)
+    record: dict[str, Any] = {}
+    if init:
+        ckpt = read_checkpoint(init)
+        record = {"init": str(init), "init_sha256": sha256(init), **({"init_key": ckpt.key} if ckpt.key else {})}
+    elif pretrained:
+        ckpt = pretrained_checkpoint(name, in_channels)
+        record = {"pretrained": True}
+    else:
+        return model, record
+    reset = load_into(model, ckpt, reset_head=reset_head, num_classes=num_classes)
+    if log is not None:
+        log(f"weights: {ckpt.describe()}" + (f", classifier re-initialised for {num_classes} classes ({', '.join(reset)})"
+                                             if reset_head else ""))
+    return model, record

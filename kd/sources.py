@@ -56,6 +56,12 @@ class Option:
     def check(self, value: Any, source: str = "") -> Any:
         """``value`` as the option's type, or a one-line KDError saying what is allowed."""
         who = f" for '{source}'" if source else ""
+        if self.type is str:  # text (a file, a name); in Python also a structured value (a list, a tensor)
+            if isinstance(value, Path):
+                return str(value)
+            if (isinstance(value, str) and value.strip()) or isinstance(value, (list, tuple, torch.Tensor)):
+                return value
+            raise KDError(f"{self.flag}{who} takes text, got {value!r}")
         try:
             if isinstance(value, bool):
                 raise ValueError
@@ -89,7 +95,9 @@ class SourceContext:
     ``options`` holds the CLI / config options (alpha, temperature, hard_weight, ...); a value
     of None means "not given": the source takes its own default. ``info`` is the data set's
     :class:`kd.data.DatasetInfo` when there is one (a network teacher reads its normalisation).
-    ``teacher_model`` is only set by `kd bench`, which times sources on stand-in artifacts.
+    ``teacher_model`` is set by `kd bench`, which times sources on stand-in artifacts, and by
+    ``make_source("network", K, model=net)`` for a network in memory; ``artifacts`` holds the other
+    in-memory artifacts ``make_source`` was handed (``c_matrix``, ``logits``).
     """
 
     num_classes: int
@@ -98,6 +106,7 @@ class SourceContext:
     options: dict[str, Any] = field(default_factory=dict)
     info: Any = None
     teacher_model: nn.Module | None = None
+    artifacts: dict[str, Any] = field(default_factory=dict)
 
     def option(self, name: str, default: Any = None) -> Any:
         value = self.options.get(name)
@@ -193,6 +202,24 @@ class TargetSource(nn.Module):
 
     def on_epoch_end(self, all_reduce: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """At the end of each training epoch. ``all_reduce`` sums a tensor over processes (identity alone)."""
+
+    def epoch_stats(self) -> dict[str, float]:
+        """Readings of the source's own state after each epoch, logged beside the metrics (default: none;
+        LS++ reports how far C moved from uniform). Keys are :meth:`epoch_stats_keys`."""
+        return {}
+
+    @classmethod
+    def epoch_stats_keys(cls) -> tuple[str, ...]:
+        """The keys :meth:`epoch_stats` returns (metrics.csv columns and summary keys)."""
+        return ()
+
+    def describe_stats(self, stats: dict[str, float]) -> str:
+        """:meth:`epoch_stats` in a few words for the per-epoch log line ("" for none)."""
+        return ""
+
+    def end_note(self, last: dict[str, Any]) -> str | None:
+        """One line to say at the end of a run, from its last epoch's row (default: nothing)."""
+        return None
 
     def checkpoint_state(self) -> dict[str, torch.Tensor]:
         """What a checkpoint must keep to resume exactly: by default the trainable parameters (LS++'s C)."""

@@ -127,14 +127,26 @@ def _lookup(name: str, label_only: bool) -> type[TargetSource]:
 
 
 def make_source(name: str, num_classes: int, *, arg: str = "", dataset: str | None = None,
-                num_train: int | None = None, info=None, label_only: bool = False, **options) -> TargetSource:
+                num_train: int | None = None, info=None, label_only: bool = False, model=None, c_matrix=None,
+                logits=None, **options) -> TargetSource:
     """Build source ``name`` for K = ``num_classes``; ``options`` are alpha, temperature, hard_weight, ...
 
     ``arg`` is what follows "NAME:" in a SPEC (a path for proxy, network and cached). With
-    ``label_only`` only the sources that train from labels alone are accepted.
+    ``label_only`` only the sources that train from labels alone are accepted. In-memory artifacts
+    take the place of a path: ``model=`` a network (``network``, ``tfkd-self``; frozen in place),
+    ``c_matrix=`` a K x K C-matrix (``proxy``), ``logits=`` N x K teacher outputs (``cached``).
     """
     cls = _lookup(name, label_only)
-    ctx = SourceContext(int(num_classes), dataset, num_train, cls.given_options(options), info)
+    given = {"model": model, "c_matrix": c_matrix, "logits": logits}
+    takes = {"network": "model", "tfkd-self": "model", "proxy": "c_matrix", "cached": "logits"}
+    for what, value in given.items():
+        if value is not None and takes.get(name) != what:
+            users = " or ".join(f"'{n}'" for n, w in takes.items() if w == what)
+            raise KDError(f"{what}= is an in-memory artifact of {users} sources, not of '{name}'; drop it")
+    if arg and any(v is not None for v in given.values()):
+        raise KDError(f"source '{name}' was given both a path ({arg}) and an in-memory artifact; give one")
+    ctx = SourceContext(int(num_classes), dataset, num_train, cls.given_options(options), info, teacher_model=model,
+                        artifacts={k: v for k, v in given.items() if v is not None and k != "model"})
     return cls.from_spec(arg, ctx)
 
 

@@ -12,12 +12,10 @@ Knowledge Distillation Framework for Visual Recognition", 2022) by :class:`TopKC
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from kd import runs
 from kd.errors import KDError
@@ -46,6 +44,13 @@ class CachedTeacher(TargetSource):
 
     @classmethod
     def from_spec(cls, arg: str, ctx: SourceContext) -> "CachedTeacher":
+        if "logits" in ctx.artifacts:  # outputs in memory (Python): one row per training sample, in its order
+            logits = torch.as_tensor(ctx.artifacts["logits"]).detach()
+            if logits.ndim != 2 or logits.shape[1] != ctx.num_classes:
+                raise KDError(f"logits= must be N x K = N x {ctx.num_classes}, got shape {tuple(logits.shape)}")
+            if ctx.num_train is not None and logits.shape[0] != ctx.num_train:
+                raise KDError(f"logits= holds {logits.shape[0]} rows but the training set has {ctx.num_train} samples")
+            return cls(logits)
         if not arg:
             raise KDError("teacher 'cached' needs a file: cached:FILE (make one with `kd teacher cache RUN_DIR --out FILE`)")
         return load_cache(arg, ctx.dataset, ctx.num_train, ctx.num_classes)
@@ -183,18 +188,14 @@ def write_topk_cache(path: Path, probs: torch.Tensor, indices: torch.Tensor, num
     """Write kept probabilities (N x k, stored float16) and classes (N x k, int16 / int32) as a top-k cache."""
     meta = {"format": TOPK_FORMAT, "dataset": dataset, "teacher_run": teacher_run,
             "num_samples": str(probs.shape[0]), "num_classes": str(num_classes), "top_k": str(probs.shape[1])}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({"topk_probs": probs.detach().cpu().half().contiguous(),
-               "topk_indices": indices.detach().cpu().to(index_dtype(num_classes)).contiguous()}, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    runs.save_safetensors(path, {"topk_probs": probs.detach().cpu().half().contiguous(),
+                                 "topk_indices": indices.detach().cpu().to(index_dtype(num_classes)).contiguous()}, meta)
 
 
 def save_cache(path: Path, logits: torch.Tensor, dataset: str, teacher_run: str) -> None:
     meta = {"format": DENSE_FORMAT, "dataset": dataset, "teacher_run": teacher_run,
             "num_samples": str(logits.shape[0]), "num_classes": str(logits.shape[1])}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({"logits": logits.detach().float().cpu().contiguous()}, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    runs.save_safetensors(path, {"logits": logits.detach().float().cpu().contiguous()}, meta)
 
 
 def load_cache(path: str | Path, dataset: str | None = None, num_samples: int | None = None,

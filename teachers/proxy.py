@@ -14,13 +14,11 @@ both forms.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from kd import runs
 from kd.errors import KDError
@@ -39,6 +37,8 @@ class ProxyTeacher(TableSource):
 
     @classmethod
     def from_spec(cls, arg: str, ctx: SourceContext) -> "ProxyTeacher":
+        if "c_matrix" in ctx.artifacts:  # a matrix in memory (Python)
+            return cls(ctx.artifacts["c_matrix"], cls.value(ctx, "alpha") or 0.1)
         if not arg:
             raise KDError("teacher 'proxy' needs a path: proxy:PATH (a c_matrix.safetensors or an LS++ run directory)")
         src = load_proxy(arg, alpha=cls.value(ctx, "alpha"), num_classes=ctx.num_classes)
@@ -54,8 +54,16 @@ class ProxyTeacher(TableSource):
         return cls(c.div_(c.sum(1, keepdim=True)), ctx.option("alpha", 0.1))  # in place: K x K is 1.9 GB at K=21,841
 
     def __init__(self, c_matrix: torch.Tensor, alpha: float = 0.1, meta: dict | None = None):
+        """``c_matrix``: K x K, rows probability vectors (a detached copy is kept: the C of an LS++ source that
+        is still training can be handed over as it is)."""
         alpha = self.option("alpha").check(alpha, self.name)
-        c = torch.as_tensor(c_matrix, dtype=torch.float32)
+        c = torch.as_tensor(c_matrix).detach().to(torch.float32)
+        if c.ndim != 2 or c.shape[0] != c.shape[1]:
+            raise KDError(f"a C-matrix must be K x K, got shape {tuple(c.shape)}")
+        rows = c.sum(1)  # reductions only: no K x K temporaries (1.9 GB each at K = 21,841); min() propagates NaN
+        if not bool(torch.isfinite(rows).all()) or not bool(c.min() >= 0) \
+                or not torch.allclose(rows, torch.ones_like(rows), atol=1e-3):
+            raise KDError("a C-matrix's rows must be probability vectors (non-negative, summing to 1)")
         # (1 - alpha) I + alpha C without the two extra K x K temporaries of writing it so
         table = c * float(alpha)
         table.diagonal().add_(1.0 - float(alpha))
@@ -139,9 +147,7 @@ def save_topk_c_matrix(path: Path, values: torch.Tensor, indices: torch.Tensor, 
     meta.update(extra or {})
     tensors = {"c_values": values.detach().float().cpu().contiguous(),
                "c_indices": indices.detach().cpu().to(index_dtype(k_classes)).contiguous()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    runs.save_safetensors(path, tensors, meta)
 
 
 def load_topk_c_matrix(path: str | Path) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from kd.errors import KDError
 from kd.losses import soft_cross_entropy
 from kd.sources import Option, SourceContext, TargetSource, fraction, label_matrix
-from teachers.network import NetworkTeacher, load_checked_teacher
+from teachers.network import TEACHER_OPTIONS, NetworkTeacher, load_checked_teacher
 
 #: p^d: the virtual teacher's probability on the true class (the official ``correct_prob``).
 CORRECT_PROB = 0.99
@@ -124,15 +124,16 @@ class TfKDSelf(NetworkTeacher):
     name = "tfkd-self"
     summary = ("Tf-KD self-training: (1 - alpha) CE + alpha*T^2*multiplier/K KL at temperature T to a trained run "
                "(tfkd-self:RUN_DIR; --alpha 0.95, --temperature 6, --multiplier 50)")
-    spec_arg = "RUN_DIR"
+    spec_arg = "RUN_DIR|MODEL@FILE"
     label_only = False
     needs_inputs = True
-    options = _options(0.95, 6.0, 50.0, "distillation")
+    options = _options(0.95, 6.0, 50.0, "distillation") + TEACHER_OPTIONS
 
     @classmethod
     def from_spec(cls, arg: str, ctx: SourceContext) -> "TfKDSelf":
-        model, affine = load_checked_teacher(cls.name, arg, ctx)
-        return cls(model, ctx.num_classes, *(cls.value(ctx, n) for n in ("alpha", "temperature", "multiplier")), affine)
+        t = load_checked_teacher(cls.name, arg, ctx)
+        return cls(t.model, ctx.num_classes, *(cls.value(ctx, n) for n in ("alpha", "temperature", "multiplier")),
+                   t.affine, t.class_index)
 
     @classmethod
     def stand_in(cls, ctx: SourceContext) -> "TfKDSelf":
@@ -141,9 +142,10 @@ class TfKDSelf(NetworkTeacher):
         return cls(teacher, ctx.num_classes, *(cls.value(ctx, n) for n in ("alpha", "temperature", "multiplier")))
 
     def __init__(self, teacher: nn.Module, num_classes: int, alpha: float = 0.95, temperature: float = 6.0,
-                 multiplier: float = 50.0, input_affine: tuple[torch.Tensor, torch.Tensor] | None = None):
+                 multiplier: float = 50.0, input_affine: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 class_index: torch.Tensor | None = None):
         alpha, temperature, multiplier = _checked(type(self), alpha, temperature, multiplier)
-        super().__init__(teacher, num_classes, temperature, 0.0, input_affine)
+        super().__init__(teacher, num_classes, temperature, 0.0, input_affine, class_index)
         self.alpha, self.multiplier = alpha, multiplier
         self.kl_weight = alpha * temperature * temperature * multiplier / self.num_classes
 

@@ -93,7 +93,10 @@ def test_bad_teacher_input_is_one_line_exit_2_and_writes_nothing(teachers_dir, t
     s = json.loads((other / "summary.json").read_text())
     s["dataset"] = "cifar10"
     (other / "summary.json").write_text(json.dumps(s))
-    _expect_error(capsys, "trained on 'cifar10', not 'digits'", *base, f"network:{other}")
+    # without --dataset a distill runs on the teacher's data set (here missing); with another, the refusal names the flag
+    _expect_error(capsys, "CIFAR10 not found", *base, f"network:{other}")
+    _expect_error(capsys, "trained on 'cifar10', not 'digits'; use --dataset cifar10", *base, f"network:{other}",
+                  "--dataset", "digits")
 
     _expect_error(capsys, "does not exist", *base, f"proxy:{tmp_path}/missing.safetensors")
     _expect_error(capsys, "does not exist", *base, f"network:{tmp_path}/no-run")

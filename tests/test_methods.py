@@ -381,7 +381,7 @@ def test_bad_options_are_one_line_errors(name, options, message):
 def test_bad_specs(tmp_path):
     with pytest.raises(KDError, match="takes no argument"):
         make_source("zipf-ls", K, arg="0.2")
-    with pytest.raises(KDError, match="needs a run directory"):
+    with pytest.raises(KDError, match="needs a network: tfkd-self:RUN_DIR"):
         make_source("tfkd-self", K)
     with pytest.raises(KDError, match="does not exist"):
         make_source("tfkd-self", K, arg=str(tmp_path / "nothing"))
@@ -423,7 +423,7 @@ def test_distill_with_tfkd_self(onehot_run, tmp_path):
 def test_tfkd_self_refuses_a_run_of_another_data_set(onehot_run):
     with pytest.raises(KDError, match="was trained on 'digits'"):
         make_source("tfkd-self", 10, arg=str(onehot_run), dataset="fashion-mnist")
-    with pytest.raises(KDError, match="K=10 classes"):
+    with pytest.raises(KDError, match="has 10 outputs but the data set has 3 classes; map them with --class-map"):
         make_source("tfkd-self", 3, arg=str(onehot_run))
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from dataclasses import replace
 
@@ -55,6 +56,18 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-decay", type=float, default=S, help="default 5e-4")
     g.add_argument("--no-c-weight-decay", dest="c_weight_decay", action="store_false", default=S,
                    help="exclude LS++'s C logits from weight decay")
+    g.add_argument("--c-lr-scale", type=float, default=S, metavar="F",
+                   help="LS++'s C learns at F x --lr (default 1: one rate for network and C, the paper's setting); "
+                   "raise it when a run reports that C stayed near uniform")
+    g.add_argument("--init", default=S, metavar="FILE",
+                   help="start from these weights: safetensors, or a PyTorch checkpoint read without running its code "
+                   "(bare state dict, state_dict/model/EMA entries, timm's and torchvision's training checkpoints); strict")
+    g.add_argument("--reset-head", action="store_true", default=S,
+                   help="re-initialise the classifier of --init/--pretrained weights for this data set's classes "
+                   "(fine-tune a 1000-class checkpoint on 10 classes)")
+    g.add_argument("--pretrained", action="store_true", default=S,
+                   help="timm:NAME / torchvision:NAME models: start from the library's own pretrained weights "
+                   "(from its local cache, or downloaded; offline, give the file with --init FILE)")
     g.add_argument("--optimizer", choices=["sgd", "adamw"], default=S)
     g.add_argument("--schedule", choices=["cosine", "step", "constant"], default=S, help="after warm-up; default cosine")
     g.add_argument("--warmup-epochs", type=float, default=S, help="linear warm-up, default 1")
@@ -78,7 +91,8 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
                    "reduce-overhead also replays it as CUDA graphs (CUDA only): for small GPU steps that are "
                    "launch-bound. Compilation takes the first step. Default none")
     g.add_argument("--compile-backend", default=S, help="torch.compile backend for --compile-mode (default inductor)")
-    g.add_argument("--num-workers", type=int, default=S, help="loader workers for folder data sets")
+    g.add_argument("--num-workers", type=int, default=S, help="loader workers for streamed folder data sets and --aa "
+                   "(default 4)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     p.add_argument("--resume", action="store_true",
                    help="continue the unfinished run in --out from its last finished epoch (its own config.yaml)")
@@ -122,7 +136,7 @@ def _train(args, student: bool) -> int:
     s = job(cfg, args.out, progress=not args.quiet, log=None if args.quiet else print, resume=args.resume).summary
     if launch_rank() != 0:
         return 0
-    what = f"student {s['model']} from {cfg.teacher}" if student else f"{cfg.method} teacher {s['model']}"
+    what = f"student {s['model']} from {cfg.teacher}" if student else f"{cfg.method or 'lspp'} teacher {s['model']}"
     ev = s["evaluated_on"]
     print(f"{what} -> {args.out}: {ev} acc {s[ev + '_acc']:.4f}  nll {s[ev + '_nll']:.4f}  ece {s[ev + '_ece']:.4f}  "
           f"({s['seconds_per_epoch']:.2f}s/epoch)")
@@ -138,13 +152,20 @@ def _cmd_distill(args) -> int:
 
 
 def _cmd_proxy_export(args) -> int:
-    out = export_proxy_job(args.run_dir, args.out, args.source, args.alpha, args.data_root, args.device, args.top_k)
+    out = export_proxy_job(args.run_dir, args.out, args.source, args.alpha, args.data_root, args.device, args.top_k,
+                           **_teacher_file_args(args), dataset=args.dataset)
     print(f"proxy teacher ({args.source}{f', top {args.top_k}' if args.top_k else ''}) -> {out}")
     return 0
 
 
+def _teacher_file_args(args) -> dict:
+    return {"model": args.model, "weights": args.weights, "pretrained": args.pretrained, "class_map": args.class_map,
+            "teacher_norm": args.teacher_norm}
+
+
 def _cmd_teacher_cache(args) -> int:
-    out = cache_job(args.run_dir, args.dataset, args.out, args.data_root, args.device, args.top_k)
+    out = cache_job(args.run_dir, args.dataset, args.out, args.data_root, args.device, args.top_k,
+                    **_teacher_file_args(args))
     print(f"teacher outputs{f' (top {args.top_k})' if args.top_k else ''} -> {out}")
     return 0
 
@@ -270,8 +291,10 @@ def _proxy_parser(sub) -> None:
                         description="A proxy teacher from any trained network: the class-conditional mean of its "
                         "softmax over the training set, diagonal removed, rows renormalised (measured); an LS++ run "
                         "also offers the C it learned (learned).")
-    e.add_argument("run_dir")
+    e.add_argument("run_dir", nargs="?", default=None, help="a finished run (or give --model with --weights FILE)")
     e.add_argument("--out", required=True, help="new .safetensors file")
+    _teacher_network_flags(e)
+    e.add_argument("--dataset", default=None, help="with --model: the data set the network runs on (a run's own by default)")
     e.add_argument("--from", dest="source", choices=["auto", "learned", "measured"], default="auto",
                    help="auto: learned where the run has one, else measured")
     e.add_argument("--alpha", type=float, default=None, help="alpha stored with the proxy (default: the run's, else 0.1)")
@@ -289,8 +312,9 @@ def _teacher_parser(sub) -> None:
     c = tsub.add_parser("cache", help="cache a teacher run's logits for every training sample",
                         description="Compute a teacher's logits once per training sample (un-augmented inputs) "
                         "for `kd distill --teacher cached:FILE`.")
-    c.add_argument("run_dir")
-    c.add_argument("--dataset", default=None, help="default: the data set the teacher was trained on")
+    c.add_argument("run_dir", nargs="?", default=None, help="a finished run (or give --model with --weights FILE)")
+    _teacher_network_flags(c)
+    c.add_argument("--dataset", default=None, help="default: the data set the teacher was trained on (needed with --model)")
     c.add_argument("--out", required=True, help="new .safetensors file")
     c.add_argument("--data-root", default=None)
     _device_flag(c)
@@ -298,6 +322,19 @@ def _teacher_parser(sub) -> None:
                    help="store each sample's K largest probabilities (float16) and their classes instead of "
                    "all logits; targets spread the remaining mass uniformly (FKD). 1 <= K < number of classes")
     c.set_defaults(func=_cmd_teacher_cache)
+
+
+def _teacher_network_flags(p) -> None:
+    """A teacher network given as a file (or the library's weights) instead of a run directory, and how it maps."""
+    p.add_argument("--model", default=None, help="the teacher's network (registered name, timm:NAME, torchvision:NAME) "
+                   "when it is not a run directory; with --weights FILE or --pretrained")
+    p.add_argument("--weights", default=None, metavar="FILE", help="--model's weights: safetensors or a PyTorch "
+                   "checkpoint (read without running its code)")
+    p.add_argument("--pretrained", action="store_true", help="--model's weights from its library (timm, torchvision)")
+    p.add_argument("--class-map", default=None, metavar="FILE|imagenet", help="a teacher trained on more or other "
+                   "classes: its output for each class of the data (JSON or CSV; 'imagenet' for WordNet-id class names)")
+    p.add_argument("--teacher-norm", default=None, metavar="NORM", help="the teacher's input normalisation: dataset "
+                   "(default for files), imagenet, or MEAN,.../STD,...")
 
 
 def _timing_flags(p) -> None:
@@ -432,7 +469,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_torch_on_cpu() -> None:
+    """Without a CUDA device, torch's C++ extension helper warns "No CUDA runtime is found" whenever torch.compile
+    loads it on a machine with a CUDA toolkit: noise on a CPU run, so that logger speaks only of errors."""
+    if not torch.cuda.is_available():
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _quiet_torch_on_cpu()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

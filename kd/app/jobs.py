@@ -7,19 +7,18 @@ from typing import Any
 import warnings
 
 import torch
-from accelerate.utils import set_seed
 
-from kd import runs
+from kd import models, runs
 from kd.config import TrainConfig
 from kd.data import DataSplit, load_dataset, load_dataset_of_run, validation_split
 from kd.engine import FitResult, fit, predict, resolve_device
 from kd.errors import KDError
 from kd.lock import run_lock
-from kd.models import create_model
-from students import distill
+from kd.seeding import seeded
+from students import run_distill
 from teachers import DEFAULT_ALPHA, make_source, teacher_from_spec
 from teachers.cached import save_cache, save_topk_cache
-from teachers.network import load_teacher_network
+from teachers.network import NetworkTeacher
 from teachers.proxy import ProxyTeacher, check_top_k, measure_c_matrix, save_topk_c_matrix, top_k_rows
 
 
@@ -49,11 +48,18 @@ def load_split(cfg: TrainConfig) -> tuple[DataSplit, int, str]:
     return split, num_train, "test"
 
 
-def build_model(cfg: TrainConfig, split: DataSplit):
+def build_model(cfg: TrainConfig, split: DataSplit, resume: bool = False, log=print):
+    """The run's network, built under its seed, started from ``--init`` or ``--pretrained`` weights (not when
+    resuming: the checkpoint holds the weights). Returns (name, model, the config with the init file's SHA-256)."""
     name = cfg.model or split.info.default_model
-    set_seed(cfg.seed)
     info = split.info
-    return name, create_model(name, info.num_classes, info.channels, info.image_size)
+    with seeded(cfg.seed):
+        model, record = models.build_model(name, info.num_classes, info.channels, info.image_size,
+                                           init=None if resume else cfg.init, pretrained=cfg.pretrained and not resume,
+                                           reset_head=cfg.reset_head and not resume, log=log)
+    if "init_sha256" in record:
+        cfg = cfg.updated({"init_sha256": record["init_sha256"]})
+    return name, model, cfg
 
 
 def _open_run(out: str | Path, resume: bool) -> None:
@@ -77,14 +83,15 @@ def _start_or_continue(out: str | Path, resolved: TrainConfig, resume: bool) -> 
 def train_teacher_job(cfg: TrainConfig, out: str | Path, progress: bool = True, log=print,
                       resume: bool = False) -> FitResult:
     """`kd train-teacher`: train a network with a label-only source (1-hot, LS, LS++, ...) into ``out``."""
-    cfg.validate()
+    cfg = cfg.with_cli_defaults().validate()
     _open_run(out, resume)
     split, num_train, eval_name = load_split(cfg)
     source = make_source(cfg.method, split.info.num_classes, label_only=True, dataset=split.info.name,
                          num_train=num_train, info=split.info, **cfg.source_options())
-    name, model = build_model(cfg, split)
+    name, model, cfg = build_model(cfg, split, resume, log)
     resolved = cfg.updated({"model": name}).with_options(alpha=getattr(source, "alpha", None))
-    meta = {"kind": "teacher", "method": cfg.method, "alpha": resolved.options.get("alpha"), **model_meta(cfg, split, name)}
+    meta = {"kind": "teacher", "method": cfg.method, "source": source.name, "alpha": resolved.options.get("alpha"),
+            **model_meta(cfg, split, name)}
     with run_lock(out, runs.launch_rank()):  # a second run on the same --out refuses instead of interleaving
         run_dir = _start_or_continue(out, resolved, resume)
         return fit(model, source, split.train, split.test, resolved, info=split.info, run_dir=run_dir,
@@ -93,89 +100,176 @@ def train_teacher_job(cfg: TrainConfig, out: str | Path, progress: bool = True, 
 
 def distill_job(cfg: TrainConfig, out: str | Path, progress: bool = True, log=print,
                 resume: bool = False) -> FitResult:
-    """`kd distill`: train a student (cfg.model) from the teacher SPEC cfg.teacher into ``out``."""
+    """`kd distill`: train a student (cfg.model) from the teacher SPEC cfg.teacher into ``out``.
+
+    Without ``--dataset`` the data set is the teacher's where its files name one (a run directory, a
+    proxy or a cache made by proxykd), prepared as the teacher's was; else digits."""
     cfg.validate()
     if not cfg.teacher:
         raise KDError("--teacher SPEC is required")
+    if cfg.dataset is None:
+        cfg = cfg.updated(teacher_data(cfg.teacher))
+    cfg = cfg.with_cli_defaults().validate()
     _open_run(out, resume)
     split, num_train, eval_name = load_split(cfg)
     teacher = teacher_from_spec(cfg.teacher, split.info, num_train, **cfg.source_options())
-    name, student = build_model(cfg, split)
+    name, student, cfg = build_model(cfg, split, resume, log)
     resolved = cfg.updated({"model": name}).with_options(alpha=getattr(teacher, "alpha", None))
-    meta = {"kind": "student", "teacher": cfg.teacher, "teacher_kind": cfg.teacher.partition(":")[0],
+    meta = {"kind": "student", "teacher": cfg.teacher, "teacher_kind": cfg.teacher.partition(":")[0], "source": teacher.name,
             "alpha": resolved.options.get("alpha"), **model_meta(cfg, split, name)}
     with run_lock(out, runs.launch_rank()), warnings.catch_warnings():
         run_dir = _start_or_continue(out, resolved, resume)
         warnings.simplefilter("always")
-        return distill(student, teacher, split.train, split.test, resolved, info=split.info, run_dir=run_dir,
-                       meta=meta, progress=progress, log=log, resume=resume, eval_name=eval_name)
+        return run_distill(student, teacher, split.train, split.test, resolved, info=split.info, run_dir=run_dir,
+                           meta=meta, progress=progress, log=log, resume=resume, eval_name=eval_name)
 
 
-def _teacher_train_logits(run_dir: Path, dataset: str | None, data_root: str | None, device: str):
-    model, meta = load_teacher_network(run_dir)
-    name = dataset or meta["dataset"]
-    split = load_dataset_of_run(meta, data_root) if name == meta["dataset"] else load_dataset(name, data_root)
-    if meta["dataset"] != split.info.name:
-        raise KDError(f"teacher run {run_dir} was trained on '{meta['dataset']}', not '{split.info.name}'")
-    logits, labels = predict(model, split.train, split.info, device=resolve_device(device))
-    return logits.cpu(), labels.cpu(), meta, split
+def teacher_data(spec: str) -> dict[str, Any]:
+    """The data set (and preparation) a teacher SPEC's files name: a run directory's summary, a proxy's or a
+    cache's metadata; {} where they name none (a checkpoint of the user's own, a label-only source)."""
+    kind, _, arg = spec.partition(":")
+    if not arg or "@" in arg:
+        return {}
+    path = Path(arg)
+    if path.is_dir() and (path / runs.SUMMARY).is_file():
+        meta = runs.read_summary(path)
+        return {k: meta[k] for k in ("dataset", "preprocess") if meta.get(k)}
+    if path.is_file() and path.suffix == ".safetensors":
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                name = (f.metadata() or {}).get("dataset")
+        except Exception:  # an unreadable file is reported, in one line, by the source that reads it
+            return {}
+        return {"dataset": name} if name else {}
+    return {}
 
 
-def export_proxy_job(run_dir: str | Path, out: str | Path, source: str = "auto", alpha: float | None = None,
-                     data_root: str | None = None, device: str = "auto", top_k: int | None = None) -> Path:
-    """`kd proxy export`: write a C-matrix artifact for any trained network run.
+class _TeacherOutputs(torch.nn.Module):
+    """A network teacher's logits for the data set's classes, on inputs normalised as the data set's."""
 
+    def __init__(self, teacher: NetworkTeacher):
+        super().__init__()
+        self.source = teacher
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.source.teacher_logits(x)
+
+
+def teacher_network(run_dir: str | Path | None, dataset: str | None, data_root: str | None = None, *,
+                    model: str | None = None, weights: str | None = None, pretrained: bool = False,
+                    class_map: str | None = None, teacher_norm: str | None = None):
+    """(teacher source, data split, description) for `kd proxy export` and `kd teacher cache`: a finished run's
+    network, or network ``model`` with ``weights`` (or the library's pretrained ones) on data set ``dataset``."""
+    if run_dir is not None and (model or weights or pretrained):
+        raise KDError("give a teacher run directory, or --model MODEL with --weights FILE (or --pretrained), not both")
+    if run_dir is None:
+        if not model:
+            raise KDError("give a teacher run directory, or --model MODEL with --weights FILE (or --pretrained)")
+        if bool(weights) == bool(pretrained):
+            raise KDError(f"--model {model} needs its weights: --weights FILE or --pretrained (one of them)")
+        if not dataset:
+            raise KDError(f"--model {model} needs --dataset NAME: the data the teacher runs on")
+        split = load_dataset(dataset, data_root)
+        spec, described = f"{model}@{weights or 'pretrained'}", f"{model}@{weights or 'pretrained'}"
+    else:
+        meta = runs.read_summary(Path(run_dir))
+        name = dataset or meta["dataset"]
+        split = load_dataset_of_run(meta, data_root) if name == meta["dataset"] else load_dataset(name, data_root)
+        if meta["dataset"] != split.info.name and class_map is None:
+            raise KDError(f"teacher run {run_dir} was trained on '{meta['dataset']}', not '{split.info.name}'; drop "
+                          f"--dataset, or connect the classes with --class-map")
+        spec, described = str(run_dir), str(run_dir)
+    options = {k: v for k, v in (("class_map", class_map), ("teacher_norm", teacher_norm)) if v is not None}
+    teacher = make_source("network", split.info.num_classes, arg=spec, dataset=split.info.name,
+                          num_train=len(split.train), info=split.info, **options)
+    return teacher, split, described
+
+
+def _teacher_train_logits(teacher: NetworkTeacher, split, device: str):
+    logits, labels = predict(_TeacherOutputs(teacher), split.train, split.info, device=resolve_device(device))
+    return logits.cpu(), labels.cpu()
+
+
+def export_proxy_job(run_dir: str | Path | None, out: str | Path, source: str = "auto", alpha: float | None = None,
+                     data_root: str | None = None, device: str = "auto", top_k: int | None = None, *,
+                     model: str | None = None, weights: str | None = None, pretrained: bool = False,
+                     dataset: str | None = None, class_map: str | None = None, teacher_norm: str | None = None) -> Path:
+    """`kd proxy export`: write a C-matrix artifact for any trained network.
+
+    The network is a finished run (``run_dir``) or ``model`` with ``weights`` from a file (or the library's
+    ``pretrained`` ones) on ``dataset``; ``class_map`` connects a teacher trained on other classes.
     ``source``: ``learned`` (an LS++ run's own C), ``measured`` (class means of the
     network's training-set softmax, diagonal removed, rows renormalised) or ``auto``
     (learned where there is one). ``top_k``: keep only the k largest entries of each row,
     renormalised to sum to 1, stored sparsely (``teachers.proxy.save_topk_c_matrix``).
     """
-    run_dir, out = Path(run_dir), runs.check_new_file(out)
-    meta = runs.read_summary(run_dir)
-    if top_k is not None:  # these checks come before the pass over the data a measured proxy takes
-        top_k = check_top_k(top_k, meta["num_classes"])
+    out = runs.check_new_file(out)
+    run = Path(run_dir) if run_dir is not None else None
     if alpha is not None:
         alpha = ProxyTeacher.option("alpha").check(alpha, "proxy")
-    has_learned = (run_dir / runs.C_MATRIX).is_file()
+    has_learned = run is not None and (run / runs.C_MATRIX).is_file()
     if source == "auto":
-        source = "learned" if has_learned else "measured"
+        source = "learned" if has_learned and class_map is None else "measured"
     if source == "learned":
+        if run is None:
+            raise KDError("--from learned reads the C an LS++ run learned: give its run directory")
+        if class_map is not None:
+            raise KDError("a learned C is over the run's own classes; use --from measured with --class-map")
+        meta = runs.read_summary(run)
+        if top_k is not None:
+            top_k = check_top_k(top_k, meta["num_classes"])
         if not has_learned:
-            raise KDError(f"{run_dir} has no learned C-matrix (not an LS++ run); use --from measured")
-        c, cmeta = runs.load_c_matrix(run_dir)
+            raise KDError(f"{run} has no learned C-matrix (not an LS++ run); use --from measured")
+        c, cmeta = runs.load_c_matrix(run)
         a = alpha if alpha is not None else cmeta["alpha"]
         names = cmeta.get("class_names") or meta.get("class_names")
+        data_name, extra = meta.get("dataset", ""), {"teacher_run": str(run)}
     else:
-        logits, labels, meta, split = _teacher_train_logits(run_dir, None, data_root, device)
+        teacher, split, described = teacher_network(run, dataset, data_root, model=model, weights=weights,
+                                                    pretrained=pretrained, class_map=class_map,
+                                                    teacher_norm=teacher_norm)
+        if top_k is not None:  # before the pass over the data a measured proxy takes
+            top_k = check_top_k(top_k, split.info.num_classes)
+        logits, labels = _teacher_train_logits(teacher, split, device)
         c = measure_c_matrix(logits.softmax(-1), labels, split.info.num_classes)
-        a = alpha if alpha is not None else (meta.get("alpha") or DEFAULT_ALPHA)
+        run_alpha = runs.read_summary(run).get("alpha") if run is not None else None
+        a = alpha if alpha is not None else (run_alpha or DEFAULT_ALPHA)
         names = split.info.class_names
-    extra = {"source": f"lspp-{source}" if source == "learned" else "measured",
-             "dataset": meta.get("dataset", ""), "teacher_run": str(run_dir)}
+        data_name = split.info.name
+        extra = {"teacher_run": described} if run is not None else {"teacher": described}
+        if class_map is not None:
+            extra["class_map"] = str(class_map)
+    extra = {"source": f"lspp-{source}" if source == "learned" else "measured", "dataset": data_name, **extra}
+    out.parent.mkdir(parents=True, exist_ok=True)
     if top_k is not None:
         values, indices = top_k_rows(c, top_k)
-        out.parent.mkdir(parents=True, exist_ok=True)
         save_topk_c_matrix(out, values, indices, a, names, extra)
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    runs.save_c_matrix(out, c, a, names, extra)
+    else:
+        runs.save_c_matrix(out, c, a, names, extra)
     return out
 
 
-def cache_job(run_dir: str | Path, dataset: str | None, out: str | Path, data_root: str | None = None,
-              device: str = "auto", top_k: int | None = None) -> Path:
-    """`kd teacher cache`: the teacher's logits for every training sample, in data set order.
+def cache_job(run_dir: str | Path | None, dataset: str | None, out: str | Path, data_root: str | None = None,
+              device: str = "auto", top_k: int | None = None, *, model: str | None = None,
+              weights: str | None = None, pretrained: bool = False, class_map: str | None = None,
+              teacher_norm: str | None = None) -> Path:
+    """`kd teacher cache`: the teacher's logits for every training sample, in data set order (a finished run's
+    network, or ``model`` with ``weights`` on ``dataset``; ``class_map``: the outputs for the data's classes).
 
     ``top_k``: store each sample's k largest probabilities and their classes instead
     (FKD-style, ``teachers.cached.TopKCached``).
     """
     out = runs.check_new_file(out)
+    teacher, split, described = teacher_network(run_dir, dataset, data_root, model=model, weights=weights,
+                                                pretrained=pretrained, class_map=class_map, teacher_norm=teacher_norm)
     if top_k is not None:  # before the pass over the data
-        top_k = check_top_k(top_k, runs.read_summary(Path(run_dir))["num_classes"])
-    logits, _, meta, split = _teacher_train_logits(Path(run_dir), dataset, data_root, device)
+        top_k = check_top_k(top_k, split.info.num_classes)
+    logits, _ = _teacher_train_logits(teacher, split, device)
     out.parent.mkdir(parents=True, exist_ok=True)
     if top_k is not None:
-        save_topk_cache(out, logits, top_k, split.info.name, str(run_dir))
+        save_topk_cache(out, logits, top_k, split.info.name, described)
     else:
-        save_cache(out, logits, split.info.name, str(run_dir))
+        save_cache(out, logits, split.info.name, described)
     return out
