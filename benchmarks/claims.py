@@ -7,6 +7,7 @@ seeds a side the test only resolves differences of a few standard errors: it say
 can tell apart, not that smaller effects are absent.
 
     python -m benchmarks.claims            # prints the markdown table benchmarks/README.md carries
+    python -m benchmarks.claims --questions   # the project's own questions (C's learning rate)
 """
 from __future__ import annotations
 
@@ -79,6 +80,22 @@ CLAIMS = [
           "fmnist_distill_resnet8", "student <- PT-LS++", "student <- LS++ net", "train_seconds",
           regimes=("matched",)),
 ]
+#: Questions of this project's own (not the paper's), judged the same way: does C learn better with a rate of its own?
+QUESTIONS = [
+    *[Claim(f"C at {f}x the network's learning rate gives a more accurate network than at 1x", "-", f"{d}_c_learning_rate",
+            f"LS++ C lr x{f}", "LS++ C lr x1" if d == "fmnist" else "LS++", regimes=("",))
+      for d in ("fmnist", "digits") for f in (10, 100, 1000)],
+    # row entropy: the row claimed higher comes first (C at one rate, nearer uniform)
+    *[Claim(f"C at {f}x the network's learning rate moves further from uniform: lower row entropy", "-",
+            f"{d}_c_learning_rate", "LS++ C lr x1" if d == "fmnist" else "LS++", f"LS++ C lr x{f}",
+            "c_row_entropy_bits", regimes=("",))
+      for d in ("fmnist", "digits") for f in (10, 1000)],
+    *[Claim("AdamW for network and C gives a more accurate network than SGD at one rate", "-", f"{d}_c_learning_rate",
+            "LS++ AdamW", "LS++ C lr x1" if d == "fmnist" else "LS++", regimes=("",)) for d in ("fmnist", "digits")],
+    *[Claim("AdamW for network and C moves C further from uniform than SGD at one rate", "-",
+            f"{d}_c_learning_rate", "LS++ C lr x1" if d == "fmnist" else "LS++", "LS++ AdamW", "c_row_entropy_bits",
+            regimes=("",)) for d in ("fmnist", "digits")],
+]
 ALPHA_TEST = 0.05
 LOWER_IS_BETTER = {"test_ece", "test_nll", "test_aece"}
 UNITS = {ACC: ("{:.2f}", 100), "test_ece": ("{:.2f}", 100), "c_row_entropy_bits": ("{:.2f}", 1),
@@ -106,10 +123,10 @@ def _fmt(metric: str, values: pd.Series) -> str:
     return f"{f.format(values.mean() * scale)} ± {f.format(sd).replace(' s', '')}"
 
 
-def claims_frame(results: Path = RESULTS) -> pd.DataFrame:
+def claims_frame(results: Path = RESULTS, claims: list[Claim] = CLAIMS) -> pd.DataFrame:
     """One row per (claim, regime) whose CSV and rows exist."""
     rows = []
-    for c in CLAIMS:
+    for c in claims:
         for regime in c.regimes:
             path = results / (c.table.format(regime=regime) + ".csv")
             if not path.is_file():
@@ -137,11 +154,25 @@ def markdown(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def questions_markdown(df: pd.DataFrame) -> str:
+    """The project's own questions (:data:`QUESTIONS`): no paper column, the data set from the CSV's name."""
+    lines = ["| question | data set | ours (mean ± std over seeds) | difference (asked direction) | verdict |",
+             "|---|---|---|---|---|"]
+    for r in df.itertuples():
+        data = "Fashion-MNIST" if r.csv.startswith("fmnist") else "digits"
+        lines.append(f"| {r.claim} | {data} | {r.ours} | {r.difference} | **{r.verdict}** |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--results", default=str(RESULTS))
+    p.add_argument("--questions", action="store_true", help="this project's own questions (C's learning rate)")
     args = p.parse_args(argv)
-    print(markdown(claims_frame(Path(args.results))))
+    if args.questions:
+        print(questions_markdown(claims_frame(Path(args.results), QUESTIONS)))
+    else:
+        print(markdown(claims_frame(Path(args.results))))
     return 0
 
 

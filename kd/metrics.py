@@ -3,6 +3,8 @@ the figures and analyses measure: reliability bins, class-centre distances, C-ma
 neighbours, test confusions."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
 import torch
@@ -63,6 +65,15 @@ def row_entropy_bits(c: torch.Tensor) -> torch.Tensor:
     """Entropy in bits of each row of a row-stochastic matrix (a C-matrix: its zero diagonal adds nothing)."""
     p = c.double()
     return -(p * torch.log2(p.clamp(min=1e-300))).where(p > 0, torch.zeros_like(p)).sum(1)
+
+
+def c_movement(c: torch.Tensor) -> dict[str, float]:
+    """How far a C-matrix (zero diagonal, rows summing to 1) is from uniform over the other K - 1 classes:
+    ``c_entropy_share``, the mean row entropy as a share of log(K - 1) (1: uniform, 0: every row one-hot),
+    and ``c_row_max``, the mean of each row's largest entry (1 / (K - 1) when uniform, 1 when one-hot)."""
+    k = c.shape[0]
+    share = float(row_entropy_bits(c).mean() / math.log2(k - 1)) if k > 2 else 0.0
+    return {"c_entropy_share": share, "c_row_max": float(c.double().max(dim=1).values.mean())}
 
 
 def centre_distances(features: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:

@@ -25,8 +25,8 @@ SUMMARY = "summary.json"
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = "proxykd-checkpoint-v1"
 #: metrics.csv's leading columns, those a run has (test_* or, for a validation run, val_*), in this order
-METRIC_COLUMNS = ["epoch", "train_loss", *(f"{split}_{m}" for split in ("test", "val") for m in ("acc", "nll", "ece", "aece")),
-                  "seconds"]
+METRIC_COLUMNS = ["epoch", "train_loss", "train_acc",
+                  *(f"{split}_{m}" for split in ("test", "val") for m in ("acc", "nll", "ece", "aece")), "seconds"]
 
 
 def launch_rank() -> int:
@@ -88,6 +88,23 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _file_mode() -> int:
+    """The mode a new file gets under the process's umask (0644 under the usual 0022)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def save_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file atomically (a ``.tmp`` beside it, then a rename: a reader never sees half a file)
+    with the mode the umask gives a new file (the safetensors writer alone makes it 0600, unreadable to others)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.chmod(tmp, _file_mode())
+    os.replace(tmp, path)
+
+
 def write_config(run_dir: Path, config: dict[str, Any]) -> None:
     _atomic_write(run_dir / CONFIG, yaml.safe_dump(config, sort_keys=False))
 
@@ -105,9 +122,7 @@ def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
 
 def save_weights(path: Path, module: torch.nn.Module) -> None:
     state = {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp))
-    os.replace(tmp, path)
+    save_safetensors(path, state)
 
 
 def load_weights(path: Path, module: torch.nn.Module) -> None:
@@ -132,9 +147,7 @@ def save_c_matrix(path: Path, c_matrix: torch.Tensor, alpha: float, class_names:
     """A standalone C-matrix artifact: tensor ``c_matrix`` (K x K probabilities) plus metadata."""
     meta = {"alpha": repr(float(alpha)), "class_names": json.dumps(list(class_names)), "format": "proxykd-c-matrix-v1"}
     meta.update(extra or {})
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({"c_matrix": c_matrix.detach().float().cpu().contiguous()}, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    save_safetensors(path, {"c_matrix": c_matrix.detach().float().cpu().contiguous()}, meta)
 
 
 def load_c_matrix(path: str | Path) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -274,9 +287,7 @@ def save_checkpoint(path: Path, epoch: int, history: list[dict[str, Any]], total
                       "state_values": opt_values},
         "scheduler": _plain(scheduler.state_dict()), "rng": rng,
     }
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": CHECKPOINT_FORMAT, "checkpoint": json.dumps(doc)})
-    os.replace(tmp, path)
+    save_safetensors(path, tensors, {"format": CHECKPOINT_FORMAT, "checkpoint": json.dumps(doc)})
 
 
 def restore_checkpoint(path: Path, model: torch.nn.Module, source: torch.nn.Module, optimizer, scheduler,

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from kd import runs
+from kd.metrics import c_movement
 from kd.sources import SourceContext, TargetSource, fraction, spec_number
 
 
@@ -88,8 +89,37 @@ class LSPPLoss(TargetSource):
         return self._log_table(-math.inf, 0.0)
 
     def c_matrix(self) -> torch.Tensor:
-        """The learned C-matrix, K x K probabilities: rows sum to 1, zero diagonal."""
-        return self.log_c_matrix().exp()
+        """The learned C-matrix, K x K probabilities: rows sum to 1, zero diagonal. A detached copy: it can be
+        kept (``ProxyTeacher(lspp.c_matrix())``) while C trains on."""
+        with torch.no_grad():
+            return self.log_c_matrix().exp()
+
+    #: C within this share of uniform's entropy at the end of a run gets the end note (3%: see benchmarks/README.md)
+    UNIFORM_SHARE = 0.97
+
+    def epoch_stats(self) -> dict[str, float]:
+        """How far C moved from uniform: mean row entropy as a share of log(K-1), mean row maximum."""
+        return c_movement(self.c_matrix())
+
+    @classmethod
+    def epoch_stats_keys(cls) -> tuple[str, ...]:
+        return ("c_entropy_share", "c_row_max")
+
+    def describe_stats(self, stats: dict[str, float]) -> str:
+        return f"C entropy {100 * stats['c_entropy_share']:.1f}% of uniform, row max {stats['c_row_max']:.3f}"
+
+    def end_note(self, last: dict) -> str | None:
+        """One line when C ended within 3% of uniform's entropy: either the classes have no neighbours to
+        find (a correct C) or C learned too slowly for this run (the measurement is in benchmarks/README.md)."""
+        share = last.get("c_entropy_share")
+        if share is None or share < self.UNIFORM_SHARE:
+            return None
+        k = self.num_classes
+        return (f"C stayed within {100 * (1 - self.UNIFORM_SHARE):.0f}% of uniform (mean row entropy "
+                f"{100 * share:.1f}% of log(K-1), mean row max {last['c_row_max']:.3f} against 1/(K-1) = "
+                f"{1 / (k - 1):.3f}): either the classes have no neighbours to find, or C learned too slowly for "
+                f"this run: then raise --c-lr-scale (c_lr_scale; 10 moved C in the short runs measured in "
+                f"benchmarks/README.md), or train more steps")
 
     def log_target_table(self) -> torch.Tensor:
         """K x K log T with T = (1 - alpha) I + alpha C, exact in log space; row y is log t for class y."""

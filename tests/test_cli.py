@@ -31,13 +31,16 @@ def test_train_teacher_lspp_fills_the_run_directory(tmp_path):
     assert cfg["model"] == "lenet" and cfg["alpha"] == 0.1
 
     m = pd.read_csv(out / "metrics.csv")
-    assert list(m.columns[:7]) == ["epoch", "train_loss", "test_acc", "test_nll", "test_ece", "test_aece", "seconds"]
+    assert list(m.columns[:8]) == ["epoch", "train_loss", "train_acc", "test_acc", "test_nll", "test_ece", "test_aece",
+                                   "seconds"]
     assert m["epoch"].tolist() == list(range(1, 9))
-    assert {"loss_lspp_net", "loss_lspp_c"} <= set(m.columns)
+    assert {"loss_lspp_net", "loss_lspp_c", "c_entropy_share", "c_row_max"} <= set(m.columns)
+    assert (m["train_acc"].between(0, 1)).all() and m["train_acc"].iloc[-1] > m["train_acc"].iloc[0]
 
     s = json.loads((out / "summary.json").read_text())
-    for key in ("test_acc", "test_nll", "test_ece"):  # final epoch, not the best one
+    for key in ("test_acc", "test_nll", "test_ece", "train_acc", "c_entropy_share", "c_row_max"):  # final epoch
         assert s[key] == pytest.approx(m[key].iloc[-1])
+    assert s["method"] == s["source"] == "lspp" and s["model"] == "lenet"
     assert s["test_nll"] < math.log(10) and 0.0 < s["test_ece"] < 0.5  # better calibrated than a uniform guess
     assert s["test_acc"] > 0.5  # 10 classes: chance is 0.1
 

@@ -109,8 +109,8 @@ def test_a_validation_run_evaluates_on_the_held_out_share_only(tmp_path):
     logits, labels = predict(model, split.test, split.info)
     m = classification_metrics(logits, labels)
     assert s["val_acc"] == pytest.approx(m["acc"]) and s["val_aece"] == pytest.approx(m["aece"], abs=1e-9)
-    assert list(pd.read_csv(tmp_path / "r" / "metrics.csv").columns[:7]) == \
-        ["epoch", "train_loss", "val_acc", "val_nll", "val_ece", "val_aece", "seconds"]
+    assert list(pd.read_csv(tmp_path / "r" / "metrics.csv").columns[:8]) == \
+        ["epoch", "train_loss", "train_acc", "val_acc", "val_nll", "val_ece", "val_aece", "seconds"]
 
 
 def test_cli_val_fraction_and_preprocess_refusals(kd_main, tmp_path):

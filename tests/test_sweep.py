@@ -139,3 +139,12 @@ def test_benchmarks_readme_claims_table_is_made_from_the_committed_csvs():
     if df.empty:
         pytest.skip("no study CSV committed yet")
     assert markdown(df) in (ROOT / "benchmarks" / "README.md").read_text()
+
+
+def test_benchmarks_readme_c_learning_rate_questions_are_made_from_the_committed_csvs():
+    from conftest import ROOT
+    from benchmarks.claims import QUESTIONS, claims_frame, questions_markdown
+
+    df = claims_frame(claims=QUESTIONS)
+    assert len(df) == len(QUESTIONS)  # every question has both rows in its committed CSV
+    assert questions_markdown(df) in (ROOT / "benchmarks" / "README.md").read_text()

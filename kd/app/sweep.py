@@ -122,7 +122,7 @@ def load_sweep(path: str | Path) -> dict[str, Any]:
                 raise KDError(f"{where}: run '{run['run']}' has no seed {sorted(missing)[0]} to export")
         else:  # check config keys now, not halfway through the sweep
             cfg = TrainConfig.from_dict({**spec["base"], **_config_keys(run, spec["runs_dir"], 0)}, where=where,
-                                        option_names=teachers.option_names()).validate()
+                                        option_names=teachers.option_names()).with_cli_defaults().validate()
             if run["verb"] == "train-teacher":
                 teachers.check_options(cfg.method, cfg.options, label_only=True)
             elif cfg.teacher:
@@ -308,7 +308,9 @@ class Plan:
             cfg = self.config(task)
             run = self.runs[task.name]
             want = {"verb": run["verb"], "model": cfg.model, "preprocess": cfg.preprocess, "epochs": cfg.epochs,
-                    "lr": cfg.lr, **({"method": cfg.method} if run["verb"] == "train-teacher" else {})}
+                    "lr": cfg.lr, **({"method": cfg.method} if run["verb"] == "train-teacher" else {}),
+                    **({"c_lr_scale": cfg.c_lr_scale} if cfg.c_lr_scale != 1 else {}),
+                    **({"optimizer": cfg.optimizer} if cfg.optimizer != "sgd" else {})}
         return row if all(_same(row.get(k), v) for k, v in want.items()) else None
 
     def must_run(self, task: Task) -> bool:
@@ -336,7 +338,7 @@ class Plan:
             lr = self.chosen_lr(task.name)
             if lr is not None:
                 keys["lr"] = lr
-        return TrainConfig.from_dict(keys, where=f"{task.name}", option_names=teachers.option_names())
+        return TrainConfig.from_dict(keys, where=f"{task.name}", option_names=teachers.option_names()).with_cli_defaults()
 
     def asked(self, task: Task) -> dict[str, Any]:
         """The config values the sweep sets for ``task`` (the rest are defaults or resolved at run time)."""
@@ -573,6 +575,8 @@ def collect(spec, plan: Plan | None = None) -> pd.DataFrame:
                          "val_acc_at_lr": float(val["val_acc"].mean()) if len(val) else float("nan"),
                          "test_acc": s["test_acc"], "test_nll": s["test_nll"], "test_ece": s["test_ece"],
                          "test_aece": s.get("test_aece", float("nan")), "c_row_entropy_bits": entropy,
+                         "c_row_max": s.get("c_row_max", float("nan")), "train_acc": s.get("train_acc", float("nan")),
+                         "optimizer": cfg.get("optimizer"), "c_lr_scale": cfg.get("c_lr_scale", 1.0),
                          "epochs": s["epochs"],
                          "train_seconds": s["train_seconds"], "seconds_per_epoch": s["seconds_per_epoch"],
                          "timed_alone": bool(run.get("exclusive", False)), "machine": s.get("machine", "")})
@@ -586,9 +590,11 @@ def summary_table(df) -> str:
     has_lr = "lr" in df.columns
     has_aece = "test_aece" in df.columns and df["test_aece"].notna().any()
     has_c = "c_row_entropy_bits" in df.columns and df["c_row_entropy_bits"].notna().any()
+    has_max = "c_row_max" in df.columns and df["c_row_max"].notna().any()
     has_time = "timed_alone" in df.columns and df["timed_alone"].any()
     head = ["run", "model"] + (["lr"] if has_lr else []) + ["seeds", "test acc (%)", "NLL", "ECE (%)"] + \
         (["adaptive ECE (%)"] if has_aece else []) + (["C row entropy (bits)"] if has_c else []) + \
+        (["C row max"] if has_max else []) + \
         (["training time (s)"] if has_time else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, g in df.groupby("name", sort=False):
@@ -599,6 +605,7 @@ def summary_table(df) -> str:
             [str(len(g)), ms("test_acc", 100), ms("test_nll", 1, ".3f"), ms("test_ece", 100)] + \
             ([ms("test_aece", 100)] if has_aece else []) + \
             ([ms("c_row_entropy_bits") if g["c_row_entropy_bits"].notna().all() else ""] if has_c else []) + \
+            ([ms("c_row_max", 1, ".3f") if g["c_row_max"].notna().all() else ""] if has_max else []) + \
             ([ms("train_seconds", 1, ".0f") if g["timed_alone"].all() else ""] if has_time else [])
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
