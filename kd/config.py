@@ -20,15 +20,27 @@ from kd.errors import KDError
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 
 
+#: What the command line takes for the fields left at None (the Python API reads None as "not given").
+CLI_DEFAULTS = {"method": "lspp", "dataset": "digits", "preprocess": "matched", "augment": True, "num_workers": 4}
+#: Fields that name things the command line loads or builds: the Python API is handed those objects instead.
+#: Types of the fields whose default is None, for coercing YAML scalars.
+_OPTIONAL_TYPES = {"image_size": int, "num_workers": int}
+
+
 @dataclass
 class TrainConfig:
-    """Everything a training run needs; ``None`` means "take the data set's default"."""
+    """Everything a training run needs; ``None`` means "not given": the data set's or the verb's default.
 
-    method: str = "lspp"          # teacher training: a label-only source (onehot | ls | lspp | ...)
+    Source options (``alpha``, ``temperature``, ...) may be passed as keywords, ``TrainConfig(alpha=0.2)``;
+    they are kept in ``options``, read back as attributes (``cfg.alpha``), and refused by a source
+    that does not declare them.
+    """
+
+    method: str | None = None     # teacher training: a label-only source (onehot | ls | lspp | ...); None: lspp
     teacher: str | None = None    # student training: a teacher SPEC (see `kd distill --help`)
     model: str | None = None
-    dataset: str = "digits"
-    preprocess: str = "matched"   # matched | paper (the authors' released pipeline; fashion-mnist)
+    dataset: str | None = None    # None: digits
+    preprocess: str | None = None  # matched (None) | paper (the authors' released pipeline; fashion-mnist)
     data_root: str | None = None
     image_size: int | None = None  # imagefolder: side of the square images (default: the first image's)
     download: bool = False
@@ -38,12 +50,13 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     c_weight_decay: bool = True   # apply weight decay to LS++'s C logits too
+    c_lr_scale: float = 1.0       # C's learning rate = lr x this (1: the paper's one optimizer for both)
     optimizer: str = "sgd"        # sgd | adamw
     schedule: str = "cosine"      # cosine | step | constant
     warmup_epochs: float = 1.0
     milestones: tuple[float, ...] = (0.5, 0.75)  # step schedule: fractions of the run
     lr_gamma: float = 0.1         # step schedule: learning-rate factor at each milestone
-    augment: bool = True          # the data set's batch augmentation (pad-and-crop, flip)
+    augment: bool | None = None   # the data set's batch augmentation (pad-and-crop, flip); None: on where it has one
     mixup: float = 0.0            # Mixup Beta parameter (0: off)
     cutmix: float = 0.0           # CutMix Beta parameter (0: off); with mixup: switch per batch, p = 0.5
     cutout: int = 0               # Cutout square size in pixels (0: off)
@@ -56,8 +69,24 @@ class TrainConfig:
     channels_last: bool = False
     compile_mode: str = "none"    # none | default | reduce-overhead (CUDA graphs) | max-autotune: torch.compile the step
     compile_backend: str = "inductor"  # torch.compile backend (tests use aot_eager, which needs no C++ compiler)
-    num_workers: int = 4          # only for folder data sets streamed from disk
+    num_workers: int | None = None  # loader workers (folder data sets, --aa); None: 4 on the CLI, 0 in the API
+    init: str | None = None       # weights to start from (safetensors, or a PyTorch file read with weights_only)
+    init_sha256: str | None = None  # recorded by the command line: the SHA-256 of the init file the run started from
+    reset_head: bool = False      # re-initialise the classifier of --init / --pretrained weights for this K
+    pretrained: bool = False      # timm: / torchvision: names: the library's own pretrained weights
     options: dict[str, Any] = field(default_factory=dict)  # the target source's options that were given
+
+    def __getattr__(self, name: str) -> Any:
+        """A given source option read as an attribute (``cfg.alpha``)."""
+        if name != "options" and not name.startswith("__"):
+            options = self.__dict__.get("options") or {}
+            if name in options:
+                return options[name]
+        raise AttributeError(f"TrainConfig has no field or given source option '{name}'")
+
+    def with_cli_defaults(self) -> "TrainConfig":
+        """A copy with the command line's defaults (:data:`CLI_DEFAULTS`) in the fields left at None."""
+        return replace(self, **{k: v for k, v in CLI_DEFAULTS.items() if getattr(self, k) is None})
 
     def validate(self) -> "TrainConfig":
         if self.epochs < 1:
@@ -66,6 +95,10 @@ class TrainConfig:
             raise KDError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.lr <= 0:
             raise KDError(f"--lr must be positive, got {self.lr}")
+        if not self.c_lr_scale > 0:
+            raise KDError(f"--c-lr-scale must be positive (C's learning rate is lr x this), got {self.c_lr_scale}")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise KDError(f"--num-workers must be >= 0, got {self.num_workers}")
         if self.weight_decay < 0:
             raise KDError(f"--weight-decay must be non-negative, got {self.weight_decay}")
         if not 0.0 <= self.val_fraction < 1.0:
@@ -132,9 +165,11 @@ class TrainConfig:
             out = type(self)(**values)
             for f in fields(out):  # coerce YAML scalars (e.g. "1e-3" strings) to the field's type
                 v = getattr(out, f.name)
-                default = getattr(type(self)(), f.name)  # (source options are checked by their source)
-                if v is not None and isinstance(default, (int, float)) and not isinstance(default, bool):
-                    setattr(out, f.name, type(default)(v))
+                default = f.default  # (source options are checked by their source)
+                kind = _OPTIONAL_TYPES.get(f.name) or (type(default) if isinstance(default, (int, float)) and not
+                                                       isinstance(default, bool) else None)
+                if v is not None and kind is not None:
+                    setattr(out, f.name, kind(v))
         except (TypeError, ValueError) as e:
             raise KDError(f"{where}: bad value ({e})") from None
         return out
@@ -152,3 +187,18 @@ def load_yaml_config(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise KDError(f"config file {p} must hold a mapping of keys to values")
     return data
+
+
+_dataclass_init = TrainConfig.__init__
+
+
+def _init(self, *args: Any, options: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    """The dataclass's own __init__, plus source options as keywords: ``TrainConfig(method="lspp", alpha=0.2)``."""
+    names = TrainConfig.__dataclass_fields__
+    given = {k: kwargs.pop(k) for k in list(kwargs) if k not in names}
+    _dataclass_init(self, *args, options=dict(options or {}), **kwargs)
+    self.options.update({k: v for k, v in given.items() if v is not None})
+
+
+_init.__doc__ = TrainConfig.__doc__
+TrainConfig.__init__ = _init  # type: ignore[method-assign]

@@ -561,6 +561,23 @@ def paper_preprocess(split: DataSplit) -> DataSplit:
     return PAPER_PIPELINES[split.info.name](split)
 
 
+def stratified_holdout(labels: torch.Tensor, fraction: float, seed: int = 0,
+                       flag: str = "--val-fraction") -> torch.Tensor:
+    """A boolean mask over ``labels`` holding out ``fraction`` of each class (seeded), the validation part."""
+    g = torch.Generator().manual_seed(int(seed))
+    held = []
+    for c in torch.unique(labels).tolist():
+        members = (labels == c).nonzero().flatten()
+        n_val = int(round(fraction * len(members)))
+        if n_val < 1 or n_val >= len(members):
+            raise KDError(f"{flag} {fraction} leaves class {c} ({len(members)} training samples) "
+                          f"with an empty training or validation part; choose another fraction")
+        held.append(members[torch.randperm(len(members), generator=g)[:n_val]])
+    val_mask = torch.zeros(len(labels), dtype=torch.bool)
+    val_mask[torch.cat(held)] = True
+    return val_mask
+
+
 def validation_split(split: DataSplit, fraction: float, seed: int = 0) -> DataSplit:
     """Hold out ``fraction`` of each class of the training set (seeded) as the evaluation set.
 
@@ -568,28 +585,75 @@ def validation_split(split: DataSplit, fraction: float, seed: int = 0) -> DataSp
     set; the real test set is dropped, so nothing chosen on this split has seen it. Each part
     keeps the images' positions in the full training set (``ImageTensors.ids``).
     """
-    data = split.train
-    if not isinstance(data, ImageTensors):
-        raise KDError("--val-fraction splits in-memory data sets (digits, MNIST, Fashion-MNIST, CIFAR, SVHN, "
-                      "small image folders); this one is streamed from disk")
-    g = torch.Generator().manual_seed(int(seed))
-    held = []
-    for c in torch.unique(data.labels).tolist():
-        members = (data.labels == c).nonzero().flatten()
-        n_val = int(round(fraction * len(members)))
-        if n_val < 1 or n_val >= len(members):
-            raise KDError(f"--val-fraction {fraction} leaves class {c} ({len(members)} training samples) "
-                          f"with an empty training or validation part; choose another fraction")
-        held.append(members[torch.randperm(len(members), generator=g)[:n_val]])
-    val_mask = torch.zeros(len(data), dtype=torch.bool)
-    val_mask[torch.cat(held)] = True
-    ids = data.ids if data.ids is not None else torch.arange(len(data))
+    train, val = split_off_validation(split.train, fraction, seed)
+    return DataSplit(train, val, split.info)
 
-    def part(mask: torch.Tensor) -> ImageTensors:
+
+def split_off_validation(data, fraction: float, seed: int = 0, flag: str = "--val-fraction"):
+    """(rest, held-out share) of an in-memory data set (ImageTensors or TensorDataset), stratified and seeded;
+    both parts keep each sample's position in ``data`` (``ids``), which per-sample sources read."""
+    if isinstance(data, ImageTensors):
+        labels = data.labels
+    elif isinstance(data, torch.utils.data.TensorDataset) and len(data.tensors) >= 2 and data.tensors[1].ndim == 1:
+        labels = data.tensors[1]
+    else:
+        raise KDError(f"{flag} splits in-memory data sets (digits, MNIST, Fashion-MNIST, CIFAR, SVHN, small image "
+                      f"folders, a TensorDataset or (inputs, labels) arrays with integer labels); this one is "
+                      f"{type(data).__name__}: split it yourself and pass the held-out part as the evaluation data")
+    val_mask = stratified_holdout(labels, fraction, seed, flag)
+    ids = getattr(data, "ids", None)
+    ids = ids if ids is not None else torch.arange(len(labels))
+
+    def part(mask: torch.Tensor):
         keep = mask.nonzero().flatten()
-        return ImageTensors(data.images[keep], data.labels[keep], data.scale, ids[keep])
+        if isinstance(data, ImageTensors):
+            return ImageTensors(data.images[keep], data.labels[keep], data.scale, ids[keep])
+        return TensorSubset(*(t[keep] for t in data.tensors), ids=ids[keep])
 
-    return DataSplit(part(~val_mask), part(val_mask), split.info)
+    return part(~val_mask), part(val_mask)
+
+
+class TensorSubset(torch.utils.data.TensorDataset):
+    """A TensorDataset that remembers each sample's position in the set it was taken from (``ids``)."""
+
+    def __init__(self, *tensors: torch.Tensor, ids: torch.Tensor | None = None):
+        super().__init__(*tensors)
+        self.ids = ids
+
+
+def as_dataset(data, what: str = "training", *, evaluation: bool = False):
+    """A user's data as proxykd reads it, checked once: ImageTensors and map-style Datasets as they are; an
+    (inputs, labels) pair of arrays or tensors becomes a TensorDataset. Refused in one line: float labels
+    that are not soft labels by design (an N x K float matrix whose rows sum to 1, for training only), labels
+    of more than two dimensions, and inputs and labels of different lengths."""
+    if isinstance(data, (tuple, list)) and len(data) == 2 and not isinstance(data, torch.utils.data.Dataset):
+        try:
+            x, y = (torch.as_tensor(np.asarray(a)) if not torch.is_tensor(a) else a for a in data)
+        except (TypeError, ValueError) as e:
+            raise KDError(f"the {what} data: (inputs, labels) must be arrays or tensors ({e})") from None
+        data = torch.utils.data.TensorDataset(x, y) if len(x) == len(y) else (x, y)
+        if isinstance(data, tuple):
+            raise KDError(f"the {what} data has {len(x)} inputs but {len(y)} labels; give one label per input")
+    if not isinstance(data, torch.utils.data.TensorDataset):
+        return data
+    if len(data.tensors) < 2:
+        raise KDError(f"the {what} TensorDataset holds {len(data.tensors)} tensor; give (inputs, labels)")
+    y = data.tensors[1]
+    if y.is_floating_point():
+        soft = y.ndim == 2
+        if soft and evaluation:
+            raise KDError(f"the {what} labels are soft (an N x K float matrix); evaluation needs class indices: "
+                          f"pass labels.argmax(1)")
+        if not soft:
+            raise KDError(f"the {what} labels are {str(y.dtype).replace('torch.', '')} (floats); class indices must "
+                          f"be integers: pass y.long() (or y.astype(int)); soft labels go as an N x K float matrix")
+        if (y < 0).any() or not torch.allclose(y.double().sum(1), torch.ones(len(y), dtype=torch.float64), atol=1e-3):
+            raise KDError(f"the {what} labels are an N x K float matrix but not soft labels: each row must be "
+                          f"non-negative and sum to 1")
+    elif y.dtype == torch.bool or y.is_complex() or y.ndim != 1:
+        raise KDError(f"the {what} labels must be integer class indices, one per sample (got {y.dtype}, shape "
+                      f"{tuple(y.shape)})")
+    return data
 
 
 # ---------------------------------------------------------------------------------------
@@ -802,13 +866,20 @@ def load_image_folder(path: Path, image_size: int | None = None) -> DataSplit:
     return DataSplit(train, test, info)
 
 
-def infer_num_classes(data) -> int:
-    """K for a data set whose labels are 0..K-1 (ImageTensors, TensorDataset, or one with .classes)."""
-    if isinstance(data, ImageTensors):
-        return int(data.labels.max()) + 1
-    if isinstance(data, torch.utils.data.TensorDataset):
-        return int(data.tensors[1].max()) + 1
-    classes = getattr(data, "classes", None)
-    if classes:
-        return len(classes)
-    raise KDError("cannot tell the number of classes of this data set; pass num_classes")
+def infer_num_classes(*datasets) -> int:
+    """K for data sets whose labels are 0..K-1 (ImageTensors, TensorDataset, or one with .classes): one more
+    than the largest label any of them holds (a set may lack the last class), or the length of ``classes``."""
+    ks = []
+    for data in datasets:
+        if data is None:
+            continue
+        if isinstance(data, ImageTensors):
+            ks.append(int(data.labels.max()) + 1)
+        elif isinstance(data, torch.utils.data.TensorDataset):
+            y = data.tensors[1]
+            ks.append(y.shape[1] if y.is_floating_point() else int(y.max()) + 1)
+        elif getattr(data, "classes", None):
+            ks.append(len(data.classes))
+    if not ks:
+        raise KDError("cannot tell the number of classes of this data set; pass num_classes=K")
+    return max(ks)

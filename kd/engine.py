@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import platform
 import time
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -19,16 +20,16 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
-from accelerate.utils import set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
 from kd import runs
 from kd.augment import BatchMix, CutoutTransform, WorkerAugmentLoader, parse_rand_augment
 from kd.config import TrainConfig
-from kd.data import BatchTransform, DatasetInfo, ImageFiles, ImageTensors, IndexedDataset, TensorLoader
+from kd.data import BatchTransform, DatasetInfo, ImageFiles, ImageTensors, IndexedDataset, TensorLoader, as_dataset
 from kd.errors import KDError
 from kd.metrics import classification_metrics
+from kd.seeding import seeded
 from kd.sources import TargetSource
 
 
@@ -87,31 +88,36 @@ def lr_lambda(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
 
 
 def build_optimizer(model: nn.Module, source: TargetSource, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Network parameters with weight decay; the source's learnable parameters (C) with or without."""
+    """Network parameters with weight decay; the source's learnable parameters (C) with or without, at
+    ``cfg.c_lr_scale`` times the network's learning rate (1: one rate for both, the paper's setting)."""
     model_params = [p for p in model.parameters() if p.requires_grad]
     source_params = [p for p in source.parameters() if p.requires_grad]
     groups = [{"params": model_params, "weight_decay": cfg.weight_decay}]
     if source_params:
-        groups.append({"params": source_params, "weight_decay": cfg.weight_decay if cfg.c_weight_decay else 0.0})
+        groups.append({"params": source_params, "weight_decay": cfg.weight_decay if cfg.c_weight_decay else 0.0,
+                       "lr": cfg.lr * cfg.c_lr_scale})
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr)
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
 
 
 def make_loader(data, info: DatasetInfo | None, cfg: TrainConfig, *, train: bool, device,
-                rank: int = 0, world_size: int = 1, accelerator=None):
+                rank: int = 0, world_size: int = 1, accelerator=None, input_dtype: torch.dtype = torch.float32):
     """A loader yielding (x, y, index): tensors stay tensors; other data sets go through DataLoader.
 
     Training loaders shuffle, augment and shard by rank; evaluation loaders keep the data
-    set's order, do not augment and give every process the whole set.
+    set's order, do not augment and give every process the whole set. A TensorDataset's floating
+    inputs of another dtype (float64 from NumPy) are cast once to ``input_dtype``, the model's.
     """
     if not train:
         rank, world_size = 0, 1
     common = dict(shuffle=train, drop_last=train, train=train, seed=cfg.seed, rank=rank,
                   world_size=world_size, device=device)
+    augment = cfg.augment is not False  # None: the data set's own augmentation, where it has one
+    workers = cfg.num_workers or 0  # None: no worker processes unless asked (the CLI asks for 4)
     if isinstance(data, ImageTensors):
-        pad = info.crop_padding if (info and cfg.augment) else 0
-        flip = bool(info and cfg.augment and info.flip)
+        pad = info.crop_padding if (info and augment) else 0
+        flip = bool(info and augment and info.flip)
         mean = info.mean if info else (0.0,) * data.images.shape[1]
         std = info.std if info else (1.0,) * data.images.shape[1]
         tf = BatchTransform(data.scale, mean, std, pad, flip)
@@ -122,20 +128,23 @@ def make_loader(data, info: DatasetInfo | None, cfg: TrainConfig, *, train: bool
             if data.images.dtype != torch.uint8:
                 raise KDError("--aa (RandAugment) needs uint8 images; this data set holds other values")
             magnitude, num_ops = parse_rand_augment(cfg.aa)
-            return WorkerAugmentLoader(loader, magnitude, num_ops, cfg.num_workers)
+            return WorkerAugmentLoader(loader, magnitude, num_ops, workers)
         return loader
     if isinstance(data, ImageFiles):  # a streamed image folder augments per item, in the workers
-        data.augment = train and cfg.augment
+        data.augment = train and augment
     if train and (cfg.cutout or cfg.aa):
         raise KDError("--cutout and --aa work on in-memory image data sets (digits, MNIST, Fashion-MNIST, CIFAR, "
                       "SVHN, small image folders); this data set is streamed or not made of images")
     if isinstance(data, torch.utils.data.TensorDataset):
         x, y = data.tensors[0], data.tensors[1]
-        return TensorLoader(x, y.long(), cfg.batch_size, **common)
+        if x.is_floating_point() and x.dtype != input_dtype:  # float64 arrays (NumPy, scikit-learn): cast once
+            x = x.to(input_dtype)
+        y = y if y.is_floating_point() else y.long()  # soft labels (N x K) stay floats
+        return TensorLoader(x, y, cfg.batch_size, ids=getattr(data, "ids", None), **common)
     loader = torch.utils.data.DataLoader(
         IndexedDataset(data), batch_size=cfg.batch_size, shuffle=train, drop_last=train,
-        num_workers=cfg.num_workers, pin_memory=torch.device(device).type == "cuda",
-        persistent_workers=train and cfg.num_workers > 0,
+        num_workers=workers, pin_memory=torch.device(device).type == "cuda",
+        persistent_workers=train and workers > 0,
     )
     return accelerator.prepare(loader) if (train and accelerator is not None) else loader
 
@@ -145,7 +154,22 @@ def predict(model: nn.Module, data, info: DatasetInfo | None, batch_size: int = 
     """Logits and labels of ``model`` over ``data`` in the data set's order, un-augmented."""
     cfg = TrainConfig(batch_size=batch_size, augment=False, num_workers=0)
     model = model.to(device)
-    return evaluate(model, make_loader(data, info, cfg, train=False, device=device), device)
+    dtype = input_dtype_of(model)
+    return evaluate(model, make_loader(as_dataset(data, "evaluation"), info, cfg, train=False, device=device,
+                                       input_dtype=dtype), device)
+
+
+def input_dtype_of(model: nn.Module) -> torch.dtype:
+    """The floating dtype the model's parameters hold (float32 unless the user chose another)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def cast_inputs(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Floating inputs of another dtype (a Dataset of float64 arrays) as ``dtype``; integer inputs (token ids) as they are."""
+    return x.to(dtype) if x.is_floating_point() and x.dtype != dtype else x
 
 
 @torch.inference_mode()
@@ -154,8 +178,9 @@ def evaluate(model: nn.Module, loader, device, channels_last: bool = False) -> t
     was_training = model.training
     model.eval()
     outs, labels = [], []
+    dtype = input_dtype_of(model)
     for x, y, _ in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x, y = cast_inputs(x.to(device, non_blocking=True), dtype), y.to(device, non_blocking=True)
         if channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         outs.append(model(x).float())
@@ -183,6 +208,7 @@ class Training:
     mix: BatchMix | None = None  # mixup / cutmix
     forward_loss: Callable | None = None    # :meth:`forward`, or its torch.compile'd form (see compile_step)
     optimizer_step: Callable | None = None  # ``optimizer.step``, or its compiled form
+    logits: torch.Tensor | None = None      # the last step's logits, detached (for the running train accuracy)
 
     def __post_init__(self):
         self.forward_loss = self.forward_loss or self.forward
@@ -207,6 +233,7 @@ class Training:
         if self.mix is not None:  # mixup / cutmix: labels become soft labels m, indices a MixedIndex
             x, y, idx = self.mix(x, y, idx)
         logits, terms, loss = self.forward_loss(x, y, idx)  # forward, source terms, their sum
+        self.logits = logits.detach()
         if self.source.observes_steps:  # a stateful source (OLS) collects statistics from the same forward
             self.source.on_step(logits.detach(), y)
         self.optimizer.zero_grad(set_to_none=True)
@@ -245,10 +272,24 @@ def compile_step(training: Training, mode: str = "default", backend: str = "indu
     which takes small GPU steps out of kernel-launch overhead; it needs CUDA. Learning rates become tensors
     (:meth:`Training.tensor_learning_rates`). Compilation happens on the first step."""
     options = compile_options(mode, backend)
-    training.forward_loss = torch.compile(training.forward, dynamic=False, **options)
+    training.forward_loss = torch.compile(own_code(training.forward), dynamic=False, **options)
     if training.scaler is None:  # fp16's GradScaler runs the optimiser step itself
         training.tensor_learning_rates()
-        training.optimizer_step = torch.compile(training.optimizer.step, **options)
+        training.optimizer_step = torch.compile(own_code(training.optimizer.step), **options)
+
+
+def own_code(fn: Callable) -> Callable:
+    """``fn`` (a function or bound method) with a code object of its own. torch.compile keeps its compiled
+    entries per code object, so every Training would otherwise share one cache for ``Training.forward`` and
+    ``Optimizer.step``: in a process that compiles many steps (`kd bench --compile`), the later ones hit
+    dynamo's recompile limit and run eagerly under a compiled label. With its own code each compiles once."""
+    bound = getattr(fn, "__self__", None)
+    f = getattr(fn, "__func__", fn)
+    if not isinstance(f, types.FunctionType):
+        return fn
+    copy = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
+    copy.__kwdefaults__, copy.__dict__ = f.__kwdefaults__, dict(f.__dict__)
+    return types.MethodType(copy, bound) if bound is not None else copy
 
 
 def total_loss(terms: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -435,11 +476,22 @@ def fit(model: nn.Module, source: TargetSource, train_data, test_data, cfg: Trai
     ``eval_name`` names what ``test_data`` is in the metrics and summary keys: ``test``, or ``val``
     for a validation split held out of the training set (``val_acc``, ``val_nll``, ...).
 
+    The run is seeded with ``cfg.seed`` (:func:`kd.seeding.seeded`) and the caller's random states
+    are put back when it returns. Data: ImageTensors, a map-style Dataset of (input, label) pairs,
+    a TensorDataset or an (inputs, labels) pair of arrays (:func:`kd.data.as_dataset`); floating
+    inputs of another dtype (float64) are cast to the model's.
+
     With ``run_dir`` the run directory is filled as the run goes (metrics.csv and a
     checkpoint after each epoch; weights, the source's artifacts (LS++'s C-matrix) and
     summary.json at the end, when the checkpoint is removed). With ``resume`` a run killed
     between epochs continues from its checkpoint; in a single process the result is the one
     the uninterrupted run gives.
+
+    Every epoch records the training loss and each named term, the running training accuracy
+    (the training steps' own outputs against each sample's label: augmented inputs), the
+    evaluation metrics and the source's own readings (``TargetSource.epoch_stats``: how far
+    LS++'s C moved from uniform); the summary holds the last epoch's, and a source's end note
+    (C that stayed uniform) is logged.
 
     Checked at the door, once per run and not per step: every label of ``train_data`` and
     ``test_data`` lies in [0, K) with K = ``source.num_classes`` (read from
@@ -454,18 +506,27 @@ def fit(model: nn.Module, source: TargetSource, train_data, test_data, cfg: Trai
     written: no weights, C-matrix or summary are written, and the checkpoint on disk stays the
     one of the last good epoch.
     """
+    with seeded(cfg.seed):
+        return _fit(model, source, as_dataset(train_data, "training"),
+                    as_dataset(test_data, "evaluation", evaluation=True), cfg, info=info, run_dir=run_dir,
+                    meta=meta, progress=progress, log=log, resume=resume, eval_name=eval_name)
+
+
+def _fit(model, source, train_data, test_data, cfg, *, info, run_dir, meta, progress, log, resume, eval_name):
     accelerator = make_accelerator(cfg)
-    set_seed(cfg.seed)
     device = accelerator.device
+    dtype = input_dtype_of(model)
     train_loader = make_loader(train_data, info, cfg, train=True, device=device, rank=accelerator.process_index,
-                               world_size=accelerator.num_processes, accelerator=accelerator)
-    test_loader = make_loader(test_data, info, cfg, train=False, device=device)
+                               world_size=accelerator.num_processes, accelerator=accelerator, input_dtype=dtype)
+    test_loader = make_loader(test_data, info, cfg, train=False, device=device, input_dtype=dtype)
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:
         raise KDError(f"the training set ({len(train_data)} samples) is smaller than one batch ({cfg.batch_size}); lower --batch-size")
     check_labels(train_data, source.num_classes, "training")
-    check_labels(test_data, source.num_classes, "test")
+    check_labels(test_data, source.num_classes, "test" if eval_name == "test" else eval_name)
     training = prepare_training(accelerator, model, source, cfg, steps_per_epoch)
+    if training.mix is not None and _soft_labels(train_data):
+        raise KDError("--mixup/--cutmix mix class labels, but this training set holds soft labels; drop them")
     check_output_size(model, source, test_loader, test_data, device, cfg.channels_last)
     main = accelerator.is_main_process
     loader_rng = train_loader.generator if isinstance(train_loader, (TensorLoader, WorkerAugmentLoader)) else None
@@ -489,15 +550,21 @@ def fit(model: nn.Module, source: TargetSource, train_data, test_data, cfg: Trai
             training.mix.set_epoch(epoch)
         training.model.train()
         term_sums: dict[str, torch.Tensor] = {}
+        correct = torch.zeros((), dtype=torch.long, device=device)  # running train accuracy, no per-step sync
+        seen = 0
         t0 = time.perf_counter()
         bar = tqdm(train_loader, total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}",
                    disable=None if (progress and main) else True, leave=False, dynamic_ncols=True)
         for x, y, idx in bar:
+            if x.dtype != dtype and x.is_floating_point():
+                x = x.to(dtype)
             if cfg.channels_last and x.ndim == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             terms = training.step(x, y, idx)
             for k, v in terms.items():
                 term_sums[k] = term_sums.get(k, 0.0) + v.detach()
+            correct += (training.logits.argmax(1) == (y if y.ndim == 1 else y.argmax(1))).sum()
+            seen += y.shape[0]
         training.source.on_epoch_end(training.all_reduce)
         seconds = time.perf_counter() - t0
         total_seconds += seconds
@@ -505,11 +572,14 @@ def fit(model: nn.Module, source: TargetSource, train_data, test_data, cfg: Trai
         if bad:
             raise KDError(_nonfinite_message(epoch, bad, cfg, kept=history[-1]["epoch"] if history else None,
                                              run_dir=run_dir))
+        counts = training.all_reduce(torch.stack([correct.double(), torch.tensor(float(seen), device=device,
+                                                                                 dtype=torch.float64)]))
         logits, labels = evaluate(model, test_loader, device, cfg.channels_last)
         m = classification_metrics(logits, labels)
         terms_mean = {f"loss_{k}": float(v) / steps_per_epoch for k, v in term_sums.items()}
-        row = {"epoch": epoch, "train_loss": sum(terms_mean.values()),
-               **{f"{eval_name}_{k}": v for k, v in m.items()}, "seconds": seconds, **terms_mean}
+        stats = training.source.epoch_stats()
+        row = {"epoch": epoch, "train_loss": sum(terms_mean.values()), "train_acc": float(counts[0] / counts[1]),
+               **{f"{eval_name}_{k}": v for k, v in m.items()}, "seconds": seconds, **terms_mean, **stats}
         history.append(row)
         # every rank's own RNG states (a collective: all ranks, before rank 0 writes)
         rank_rng = runs.gather_rng_states(loader_rng) if run_dir is not None else None
@@ -518,12 +588,17 @@ def fit(model: nn.Module, source: TargetSource, train_data, test_data, cfg: Trai
             runs.save_checkpoint(ckpt_path, epoch, history, total_seconds, model, source, training.optimizer,
                                  training.scheduler, loader_rng, rank_rng)
         if main and log is not None:
-            log(f"epoch {epoch:3d}  loss {row['train_loss']:.4f}  {eval_name} acc {m['acc']:.4f}  nll {m['nll']:.4f}  "
-                f"ece {m['ece']:.4f}  {seconds:.1f}s")
+            log(f"epoch {epoch:3d}  loss {row['train_loss']:.4f}  train acc {row['train_acc']:.4f}  "
+                f"{eval_name} acc {m['acc']:.4f}  nll {m['nll']:.4f}  ece {m['ece']:.4f}  {seconds:.1f}s"
+                + "".join(f"  {line}" for line in [training.source.describe_stats(stats)] if line))
     last = history[-1]
+    note = training.source.end_note(last)
     summary = {
         **(meta or {}),
+        "train_acc": last.get("train_acc"),
         **{k: last[k] for k in last if k.startswith(eval_name + "_")}, "evaluated_on": eval_name,
+        **{k: last[k] for k in training.source.epoch_stats_keys() if k in last},
+        **({"note": note} if note else {}),
         "epochs": cfg.epochs, "train_seconds": total_seconds, "seconds_per_epoch": total_seconds / cfg.epochs,
         "device": str(device), "machine": machine_name(device), "num_processes": accelerator.num_processes,
     }
@@ -533,5 +608,12 @@ def fit(model: nn.Module, source: TargetSource, train_data, test_data, cfg: Trai
         source.write_artifacts(run_dir, class_names, meta or {})
         runs.write_summary(run_dir, summary)
         runs.remove_checkpoint(ckpt_path)  # the finished run no longer needs it
+    if main and log is not None and note:
+        log(f"note: {note}")
     accelerator.wait_for_everyone()
     return FitResult(model, source, summary, history)
+
+
+def _soft_labels(data) -> bool:
+    """Whether a TensorDataset's labels are soft labels (an N x K float matrix)."""
+    return isinstance(data, torch.utils.data.TensorDataset) and data.tensors[1].is_floating_point()
