@@ -31,7 +31,7 @@ from torch import nn
 import teachers
 from kd.config import TrainConfig
 from kd.data import ImageTensors, dataset_info, load_dataset
-from kd.engine import (AMP_DTYPES, compile_options, compile_step, machine_name, make_accelerator, make_loader,
+from kd.engine import (AMP_DTYPES, compile_options, compile_step, machine_name, make_accelerator, make_loader, own_code,
                        prepare_training, resolve_device)
 from kd.errors import KDError
 from kd.models import create_model
@@ -88,6 +88,7 @@ class _Runner:
         self.name, self.step, self.batches, self.compiled = name, step, batches, compiled
         self.times: list[float] = []
         self.compile_s = float("nan")
+        self.graphs = 0  # graphs torch.compile made in the row's first step (0: it fell back to eager)
         self.phase = "main"  # "heavy": the row runs a network on the inputs, timed apart (see phases)
 
 
@@ -107,7 +108,7 @@ def _bare_runner(student: nn.Module, cfg, device, amp_dtype, batches, compiled: 
 
     options = compile_options(mode, backend)
     fwd = torch.compile(forward_loss, dynamic=False, **options) if compiled else forward_loss
-    opt_step = torch.compile(opt.step, **options) if compiled else opt.step
+    opt_step = torch.compile(own_code(opt.step), **options) if compiled else opt.step
 
     def step(x, y, idx):
         loss = fwd(x, y)
@@ -130,7 +131,8 @@ def compile_training(training, backend: str = "inductor", mode: str = "default")
     """The engine's compiled step (:func:`kd.engine.compile_step`: forward, source terms and their sum,
     and the optimiser step) and, for sources that run a network on the inputs (``network``,
     ``tfkd-self``), that network compiled too. Compilation happens on the first step; later rows of
-    the same architecture reuse the compiled graph, so the first compiled row bears most of the cost."""
+    the same architecture compile their own step afresh (:func:`kd.engine.own_code`), sped up by inductor's
+    cache of generated code, so the first compiled row bears most of the cost."""
     compile_step(training, mode, backend)
     source = training.source
     if source.needs_inputs:
@@ -211,13 +213,17 @@ class Cycle:
 
 def warm_up(r: _Runner, warmup: int, dev) -> None:
     """Untimed steps. A compiled row's first step compiles: its wall time is reported as ``compile_s``."""
+    from torch._dynamo.utils import counters
+
     for i in range(max(warmup, 2) if r.compiled else warmup):
         sync(dev)
+        graphs = counters["stats"]["unique_graphs"]
         t0 = time.perf_counter()
         r.step(*r.batches.next())
         sync(dev)
         if r.compiled and i == 0:
             r.compile_s = time.perf_counter() - t0
+            r.graphs = counters["stats"]["unique_graphs"] - graphs
 
 
 def phases(runners: list[_Runner]) -> tuple[list[_Runner], list[_Runner]]:
@@ -390,7 +396,8 @@ def run_bench(preset: str, device: str = "cpu", batch_size: int | None = None, s
     for r in runners:  # warm-up: allocator, autotuning, lazy init, compilation
         warm_up(r, warmup, dev)
         if log and r.compiled:
-            log(f"{r.name}: first step (compilation) {r.compile_s:.1f}s")
+            log(f"{r.name}: first step (compilation) {r.compile_s:.1f}s, {r.graphs} graph(s)"
+                + ("" if r.graphs else ": nothing was compiled, the row runs eagerly (marked 'fell back')"))
     sync(dev)
     load_start = _load_average()
     timed_repeats(runners, repeats, steps, mode, dev, log)
@@ -413,6 +420,7 @@ def run_bench(preset: str, device: str = "cpu", batch_size: int | None = None, s
         if compile:
             eager = by_name[r.name.removesuffix(compiled_suffix(compile_mode))]
             row.update(compiled=r.compiled, compile_mode=compile_mode if r.compiled else "none", compile_s=r.compile_s,
+                       compiled_graphs=r.graphs, fell_back=bool(r.compiled and r.graphs == 0),
                        paired_speedup_vs_eager=paired_ratio(eager, r))
         rows.append(row)
     return pd.DataFrame(rows)
@@ -438,7 +446,9 @@ def markdown(df) -> str:
         if epoch:
             line += f" {r.epoch_s_median:.2f} |"
         if compiled:
-            line += (f" {r.compile_s:.1f} | {r.paired_speedup_vs_eager:.2f} |" if r.compiled else " - | - |")
+            fell_back = bool(getattr(r, "fell_back", False))
+            line += ((" fell back (ran eagerly) |" if fell_back else f" {r.compile_s:.1f} |")
+                     + f" {r.paired_speedup_vs_eager:.2f} |" if r.compiled else " - | - |")
         lines.append(line)
     first = df.iloc[0]
     lines.append("")

@@ -155,6 +155,23 @@ def test_compiled_rows_sit_beside_eager_ones_and_compile_outside_the_timing():
     assert "compile s" in text
 
 
+def test_every_compiled_row_compiles_its_own_step():
+    """More compiled rows than dynamo's recompile limit (8): each must still compile, none run eagerly under
+    a compiled label (they shared one cache for Training.forward and fell back once it was full)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    sources = ("onehot", "ls", "lspp", "proxy", "cached", "tfkd-reg", "ols", "zipf-ls", "mbls", "fl-3")
+    df = run_bench("digits", steps=1, repeats=1, warmup=0, batch_size=16, sources=sources, compile=True,
+                   compile_backend="aot_eager", log=None)
+    compiled = df[df["compiled"]]
+    assert len(compiled) == len(sources) > torch._dynamo.config.recompile_limit
+    assert (compiled["compiled_graphs"] > 0).all() and not compiled["fell_back"].any(), \
+        compiled[["source", "compiled_graphs"]].to_string()
+    shown = df.assign(fell_back=[False] * (len(df) - 1) + [True], compiled=[False] * (len(df) - 1) + [True])
+    assert "fell back (ran eagerly)" in markdown(shown)
+
+
 def test_compiled_training_compiles_student_and_teacher_network():
     from benchmarks.cost import compile_training, make_source
     from kd.config import TrainConfig

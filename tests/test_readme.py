@@ -5,14 +5,18 @@ import re
 from conftest import ROOT
 
 
-def test_readme_python_example_runs(capsys):
+def test_readme_python_example_runs_and_c_finds_the_planted_neighbours(capsys):
     text = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, re.S)
     assert blocks
     code = blocks[0].replace("TrainConfig(", "TrainConfig(device='cpu', ")
     exec(compile(code, "README.md", "exec"), {})
-    student_acc, teacher_acc = map(float, capsys.readouterr().out.strip().splitlines()[-1].split())
-    assert student_acc > 0.6 and teacher_acc > 0.6  # 5 classes: chance is 0.2
+    lines = [line for line in capsys.readouterr().out.strip().splitlines() if not line.startswith("epoch")]
+    partners, share = re.fullmatch(r"\[([\d, ]+)\] ([\d.]+)", lines[-2]).groups()
+    assert [int(v) for v in partners.split(",")] == [1, 0, 3, 2, 5, 4, 7, 6]  # each class's planted neighbour
+    assert float(share) < 0.9  # C left uniform (1.0): with c_lr_scale=10 it reads ~0.7, at the default rate 0.99
+    student_acc, teacher_acc = map(float, lines[-1].split())
+    assert student_acc > 0.6 and teacher_acc > 0.6  # 8 classes: chance is 0.125
 
 
 def test_demo_prints_teacher_and_four_students(capsys):
@@ -42,3 +46,42 @@ def test_demo_prints_teacher_and_four_students(capsys):
     # (1.1 of 10): 4-7 of 10 over seeds 0-5 (6 at seed 0)
     agree = re.search(r"confusion for (\d+) of 10 classes, one of its two strongest for (\d+) of 10", out)
     assert agree and int(agree[1]) >= 3 and int(agree[2]) >= int(agree[1])
+
+
+#: The README's `kd` commands a test runs as written (the rest time things or take minutes; tested elsewhere).
+FAST_VERBS = ("train-teacher", "distill", "proxy", "teacher", "report")
+
+
+def readme_kd_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"## The `kd` command.*?```bash\n(.*?)```", text, re.S)[1]
+    commands = []
+    for line in block.splitlines():
+        for part in line.split("#")[0].split(";"):
+            if part.strip().startswith("kd "):
+                commands.append(part.strip())
+    return commands
+
+
+def test_readme_kd_flow_runs_as_written_and_shows_what_it_says(tmp_path, monkeypatch, capsys):
+    import json
+    import shlex
+
+    from kd.app.cli import main
+
+    commands = readme_kd_commands()
+    assert commands[0].startswith("kd train-teacher --method lspp")
+    monkeypatch.chdir(tmp_path)
+    ran = []
+    for command in commands:
+        argv = shlex.split(command)[1:]
+        if argv[0] not in FAST_VERBS:
+            continue
+        assert main(argv) == 0, (command, capsys.readouterr().err)
+        ran.append(argv[0])
+    assert ran.count("distill") == 3 and {"proxy", "teacher", "report"} <= set(ran)
+    teacher = json.loads((tmp_path / "runs" / "t-lspp" / "summary.json").read_text())
+    assert teacher["c_entropy_share"] < 0.97 and "note" not in teacher  # "C moves": the first LS++ command's C left uniform
+    for run in ("s-proxy", "s-hinton", "s-cached"):
+        assert json.loads((tmp_path / "runs" / run / "summary.json").read_text())["test_acc"] > 0.5  # 10 classes
+    assert (tmp_path / "report" / "index.md").is_file() and (tmp_path / "proxies" / "t.safetensors").is_file()

@@ -230,6 +230,27 @@ def test_bad_input_is_one_line(made, kd_main, tmp_path, what):
     assert not out.exists()  # inputs are checked before anything is written
 
 
+def test_a_report_that_fails_part_way_leaves_nothing_and_the_same_command_runs_again(made, kd_main, tmp_path):
+    import shutil
+
+    run = tmp_path / "lspp"
+    shutil.copytree(made["lspp"], run)
+    weights = run / runs.WEIGHTS
+    good = weights.read_bytes()
+    weights.write_bytes(good[: len(good) // 2])  # read only after the C-matrix figure is drawn
+    out = tmp_path / "report"
+    argv = ("report", run, "--out", out, "--tsne-points", POINTS, "--device", "cpu", "--quiet")
+    code, _, err = kd_main(*argv)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "truncated" in err, err
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["lspp"]  # no figures, no partial folder
+    weights.write_bytes(good)
+    code, stdout, err = kd_main(*argv)
+    assert code == 0, err
+    assert (out / "index.md").is_file() and (out / "c_matrix.png").is_file()
+    assert f"cached in `{out / 'cache'}`" in (out / "index.md").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lspp", "report"]
+
+
 def test_demo_points_at_a_report_command_that_parses(tmp_path):
     import shlex
 

@@ -55,6 +55,8 @@ Penultimate features, per model kind:
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
 import math
 import re
 from dataclasses import dataclass, field
@@ -65,7 +67,6 @@ import numpy as np
 import pandas as pd
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from kd import runs
 from kd.config import TrainConfig
@@ -297,11 +298,9 @@ def cached_outputs(src: Source, cache_dir: Path, data_root: str | None, device: 
         log(f"t-SNE of {len(tensors['features'])} test features of {src.label} ...")
     tensors["tsne"] = tsne(tensors["features"])
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
-              metadata={"format": CACHE_FORMAT, "run": str(src.path), "dataset": str(src.summary["dataset"]),
-                        "points": str(points), "subset_seed": str(SUBSET_SEED)})
-    tmp.replace(path)
+    runs.save_safetensors(path, {k: v.contiguous() for k, v in tensors.items()},
+                          {"format": CACHE_FORMAT, "run": str(src.path), "dataset": str(src.summary["dataset"]),
+                           "points": str(points), "subset_seed": str(SUBSET_SEED)})
     return tensors, False
 
 
@@ -750,9 +749,29 @@ def make_report(inputs: list[str | Path], out: str | Path, bench: list[str | Pat
     k_values = sorted({len(s.class_names) for s in srcs})
     if len(k_values) > 1:
         raise KDError(f"the inputs have different numbers of classes ({k_values}); make one report per data set")
-    out.mkdir(parents=True, exist_ok=True)
+    # Built in a folder beside ``out`` and moved into place when complete: a report that fails part-way
+    # (a truncated model file) leaves nothing in ``out``, so the same command can be run again.
+    final = out
+    out = final.parent / f".{final.name}.partial-{os.getpid()}"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    try:
+        _write_report(out, final, srcs, benches, cache, device, data_root, tsne_points, log)
+        if final.exists():
+            final.rmdir()  # empty, as check_new_run_dir found it (at most a stale .lock: not ours to keep)
+        os.replace(out, final)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    return final / "index.md"
+
+
+def _write_report(out: Path, final: Path, srcs, benches, cache, device, data_root, tsne_points, log) -> None:
+    """Every figure, CSV and the index into ``out`` (the report's final place is ``final``)."""
     cache_dir = Path(cache) if cache is not None else out / "cache"
+    shown_cache = Path(cache) if cache is not None else final / "cache"
     rep = Report(out, log)
+    model_runs = [s for s in srcs if s.kind == "run"]
 
     ablation = [s for s in srcs if s.kind == "run" and s.c is not None and s.method in ABLATION]
     has_variant = any(s.method in ("lspp-ce", "lspp-sce") for s in ablation)
@@ -788,6 +807,5 @@ def make_report(inputs: list[str | Path], out: str | Path, bench: list[str | Pat
                      f"{fmt('test_nll', '.4f')} | {fmt('test_ece', '.4f')} |")
     if model_runs:
         lines += ["", f"Model outputs (training-set class means, test logits, features of {tsne_points} seeded test "
-                  f"points, t-SNE) are cached in `{cache_dir}`" + (f"; reused for {', '.join(reused)}." if reused else ".")]
+                  f"points, t-SNE) are cached in `{shown_cache}`" + (f"; reused for {', '.join(reused)}." if reused else ".")]
     (out / "index.md").write_text("\n".join(lines) + "\n\n" + "\n".join(rep.sections))
-    return out / "index.md"
