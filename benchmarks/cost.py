@@ -31,7 +31,8 @@ from torch import nn
 import teachers
 from kd.config import TrainConfig
 from kd.data import ImageTensors, dataset_info, load_dataset
-from kd.engine import (AMP_DTYPES, compile_options, compile_step, machine_name, make_accelerator, make_loader, own_code,
+from kd.engine import (AMP_DTYPES, compile_options, compile_step, machine_name, make_accelerator, make_loader,
+                       compiled_optimizer_step,
                        prepare_training, resolve_device)
 from kd.errors import KDError
 from kd.models import create_model
@@ -108,7 +109,7 @@ def _bare_runner(student: nn.Module, cfg, device, amp_dtype, batches, compiled: 
 
     options = compile_options(mode, backend)
     fwd = torch.compile(forward_loss, dynamic=False, **options) if compiled else forward_loss
-    opt_step = torch.compile(own_code(opt.step), **options) if compiled else opt.step
+    opt_step = compiled_optimizer_step(opt, options) if compiled else opt.step
 
     def step(x, y, idx):
         loss = fwd(x, y)

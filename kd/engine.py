@@ -9,6 +9,7 @@ the step, and frozen teachers and tables stay outside the wrapper, never broadca
 """
 from __future__ import annotations
 
+import inspect
 import math
 import platform
 import time
@@ -275,7 +276,24 @@ def compile_step(training: Training, mode: str = "default", backend: str = "indu
     training.forward_loss = torch.compile(own_code(training.forward), dynamic=False, **options)
     if training.scaler is None:  # fp16's GradScaler runs the optimiser step itself
         training.tensor_learning_rates()
-        training.optimizer_step = torch.compile(own_code(training.optimizer.step), **options)
+        training.optimizer_step = compiled_optimizer_step(training.optimizer, options)
+
+
+def compiled_optimizer_step(optimizer: torch.optim.Optimizer, options: dict) -> Callable[[], Any]:
+    """``optimizer.step`` compiled as one frame of its own: the class's undecorated step (``SGD.step``,
+    ``AdamW.step``) under its own code object, run without autograd as its decorator would. Compiling
+    ``optimizer.step`` itself goes through a schedule's wrapper (which dynamo skips) and a decorator with graph
+    breaks, and the step behind them is then a frame whose compiled cache every optimizer of the class shares:
+    from the fifth optimizer in a process on it ran eagerly. What the wrappers did that a training step needs
+    (the flag the schedule checks) is done here; proxykd registers no optimizer step hooks."""
+    step = torch.compile(own_code(types.MethodType(inspect.unwrap(type(optimizer).step), optimizer)), **options)
+
+    def optimizer_step():
+        optimizer._opt_called = True  # what LRScheduler's wrapper of optimizer.step records
+        with torch.no_grad():
+            return step()
+
+    return optimizer_step
 
 
 def own_code(fn: Callable) -> Callable:

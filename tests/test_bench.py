@@ -166,7 +166,9 @@ def test_every_compiled_row_compiles_its_own_step():
                    compile_backend="aot_eager", log=None)
     compiled = df[df["compiled"]]
     assert len(compiled) == len(sources) > torch._dynamo.config.recompile_limit
-    assert (compiled["compiled_graphs"] > 0).all() and not compiled["fell_back"].any(), \
+    # two graphs in the first step: the forward with the source's terms, and the optimiser step (whose shared
+    # cache once filled up after four rows, so that later rows stepped their optimiser eagerly)
+    assert (compiled["compiled_graphs"] >= 2).all() and not compiled["fell_back"].any(), \
         compiled[["source", "compiled_graphs"]].to_string()
     shown = df.assign(fell_back=[False] * (len(df) - 1) + [True], compiled=[False] * (len(df) - 1) + [True])
     assert "fell back (ran eagerly)" in markdown(shown)

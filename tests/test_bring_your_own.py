@@ -137,6 +137,15 @@ def test_cache_and_measured_proxy_from_files_equal_independent_computations(byo,
         assert json.loads((out / "summary.json").read_text())["dataset"] == "digits"  # taken from the file
 
 
+def test_a_weights_file_in_place_of_a_run_gets_the_flags_it_needs(byo, kd_main, tmp_path):
+    file = byo["dir"] / "teacher.safetensors"
+    for argv in (("proxy", "export", file), ("teacher", "cache", file)):
+        code, _, err = kd_main(*argv, "--out", tmp_path / "x.safetensors")
+        _one_line_error(code, err, f"--model MODEL --weights {file} --dataset NAME")
+    code, _, err = kd_main("distill", "--teacher", f"network:{file}", "--out", tmp_path / "s")
+    _one_line_error(code, err, f"network:resnet18@{file}")
+
+
 def test_fine_tuning_from_a_checkpoint_of_another_number_of_classes(byo, kd_main, tmp_path):
     import timm
 

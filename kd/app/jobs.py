@@ -157,6 +157,15 @@ class _TeacherOutputs(torch.nn.Module):
         return self.source.teacher_logits(x)
 
 
+def _finished_run(run_dir: str | Path) -> dict[str, Any]:
+    """The summary of a teacher run directory; a weights file given in its place gets the flags it needs."""
+    path = Path(run_dir)
+    if path.is_file():
+        raise KDError(f"{path} is a file, not a run directory: give a network's weights as --model MODEL "
+                      f"--weights {path} --dataset NAME")
+    return runs.read_summary(path)
+
+
 def teacher_network(run_dir: str | Path | None, dataset: str | None, data_root: str | None = None, *,
                     model: str | None = None, weights: str | None = None, pretrained: bool = False,
                     class_map: str | None = None, teacher_norm: str | None = None):
@@ -174,7 +183,7 @@ def teacher_network(run_dir: str | Path | None, dataset: str | None, data_root: 
         split = load_dataset(dataset, data_root)
         spec, described = f"{model}@{weights or 'pretrained'}", f"{model}@{weights or 'pretrained'}"
     else:
-        meta = runs.read_summary(Path(run_dir))
+        meta = _finished_run(run_dir)
         name = dataset or meta["dataset"]
         split = load_dataset_of_run(meta, data_root) if name == meta["dataset"] else load_dataset(name, data_root)
         if meta["dataset"] != split.info.name and class_map is None:
@@ -217,7 +226,7 @@ def export_proxy_job(run_dir: str | Path | None, out: str | Path, source: str = 
             raise KDError("--from learned reads the C an LS++ run learned: give its run directory")
         if class_map is not None:
             raise KDError("a learned C is over the run's own classes; use --from measured with --class-map")
-        meta = runs.read_summary(run)
+        meta = _finished_run(run)
         if top_k is not None:
             top_k = check_top_k(top_k, meta["num_classes"])
         if not has_learned:
