@@ -217,7 +217,7 @@ def load_into(model: nn.Module, weights: Checkpoint | dict[str, torch.Tensor] | 
         more = ", ".join(p for p in (f"{len(missing)} missing" if missing else "",
                                      f"{len(unexpected)} unexpected" if unexpected else "") if p)
         raise KDError(f"{src} does not fit {type(model).__name__}: {first} ({more} in all); is it the right model? "
-                      f"(strict=False loads what matches)")
+                      f"(in Python, load_into(..., strict=False) loads what matches)")
     with torch.no_grad():
         for k, v in state.items():
             if k in own:

@@ -628,7 +628,8 @@ def as_dataset(data, what: str = "training", *, evaluation: bool = False):
     of more than two dimensions, and inputs and labels of different lengths."""
     if isinstance(data, (tuple, list)) and len(data) == 2 and not isinstance(data, torch.utils.data.Dataset):
         try:
-            x, y = (torch.as_tensor(np.asarray(a)) if not torch.is_tensor(a) else a for a in data)
+            x, y = (torch.from_numpy(np.array(a)) if not torch.is_tensor(a) else a for a in data)  # a copy: pandas'
+            # .values can be read-only, which torch warns of
         except (TypeError, ValueError) as e:
             raise KDError(f"the {what} data: (inputs, labels) must be arrays or tensors ({e})") from None
         data = torch.utils.data.TensorDataset(x, y) if len(x) == len(y) else (x, y)
