@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from kd.errors import KDError
+from kd.tracking import parse_trackers
 
 
 #: --compile-mode: none, or torch.compile's mode for the step (reduce-overhead replays CUDA graphs)
@@ -74,6 +75,10 @@ class TrainConfig:
     init_sha256: str | None = None  # recorded by the command line: the SHA-256 of the init file the run started from
     reset_head: bool = False      # re-initialise the classifier of --init / --pretrained weights for this K
     pretrained: bool = False      # timm: / torchvision: names: the library's own pretrained weights
+    log_with: str | None = None   # experiment trackers through accelerate, comma-separated (tensorboard, mlflow, ...)
+    log_every: int = 50           # with log_with: the training loss every this many optimizer steps (0: epochs only)
+    log_dir: str | None = None    # with log_with: where the trackers' files go (default: the run directory)
+    # -- text data sets (text:PATH) --
     options: dict[str, Any] = field(default_factory=dict)  # the target source's options that were given
 
     def __getattr__(self, name: str) -> Any:
@@ -97,6 +102,9 @@ class TrainConfig:
             raise KDError(f"--lr must be positive, got {self.lr}")
         if not self.c_lr_scale > 0:
             raise KDError(f"--c-lr-scale must be positive (C's learning rate is lr x this), got {self.c_lr_scale}")
+        if self.log_every < 0:
+            raise KDError(f"--log-every must be >= 0 (0: epochs only), got {self.log_every}")
+        parse_trackers(self.log_with)  # an unknown or uninstalled tracker is refused before a run starts
         if self.num_workers is not None and self.num_workers < 0:
             raise KDError(f"--num-workers must be >= 0, got {self.num_workers}")
         if self.weight_decay < 0:

@@ -31,6 +31,7 @@ from kd.data import BatchTransform, DatasetInfo, ImageFiles, ImageTensors, Index
 from kd.errors import KDError
 from kd.metrics import classification_metrics
 from kd.seeding import seeded
+from kd.tracking import RunTracking, parse_trackers
 from kd.sources import TargetSource
 
 
@@ -51,9 +52,14 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def make_accelerator(cfg: TrainConfig):
-    """accelerate places the model and launches processes; mixed precision is the step's own autocast."""
-    return Accelerator(cpu=resolve_device(cfg.device) == "cpu", mixed_precision="no")
+def make_accelerator(cfg: TrainConfig, log_dir: Path | None = None):
+    """accelerate places the model and launches processes; mixed precision is the step's own autocast. With
+    ``cfg.log_with`` it also holds the run's experiment trackers (:mod:`kd.tracking`), writing under ``log_dir``."""
+    trackers = parse_trackers(cfg.log_with)
+    if trackers and log_dir is None:
+        raise KDError("--log-with needs a folder for the trackers' files: a run directory, or log_dir=")
+    return Accelerator(cpu=resolve_device(cfg.device) == "cpu", mixed_precision="no", log_with=trackers or None,
+                       project_dir=str(log_dir) if trackers else None)
 
 
 def machine_name(device: torch.device) -> str:
@@ -531,7 +537,8 @@ def fit(model: nn.Module, source: TargetSource, train_data, test_data, cfg: Trai
 
 
 def _fit(model, source, train_data, test_data, cfg, *, info, run_dir, meta, progress, log, resume, eval_name):
-    accelerator = make_accelerator(cfg)
+    log_dir = Path(cfg.log_dir) if cfg.log_dir else (Path(run_dir) / "trackers" if run_dir is not None else None)
+    accelerator = make_accelerator(cfg, log_dir)
     device = accelerator.device
     dtype = input_dtype_of(model)
     train_loader = make_loader(train_data, info, cfg, train=True, device=device, rank=accelerator.process_index,
@@ -546,6 +553,25 @@ def _fit(model, source, train_data, test_data, cfg, *, info, run_dir, meta, prog
     if training.mix is not None and _soft_labels(train_data):
         raise KDError("--mixup/--cutmix mix class labels, but this training set holds soft labels; drop them")
     check_output_size(model, source, test_loader, test_data, device, cfg.channels_last)
+    tracking = None
+    if cfg.log_with:
+        tracking = RunTracking(accelerator, parse_trackers(cfg.log_with), log_dir,
+                               Path(run_dir).name if run_dir is not None else "run",
+                               {**(meta or {}), **cfg.to_dict()}, cfg.log_every)
+    try:
+        return _train(model, source, train_data, cfg, info=info, run_dir=run_dir, meta=meta, progress=progress,
+                      log=log, resume=resume, eval_name=eval_name, accelerator=accelerator, device=device,
+                      train_loader=train_loader, test_loader=test_loader, training=training, tracking=tracking)
+    finally:  # on every way out: the run's end, a non-finite stop, Ctrl-C
+        if tracking is not None:
+            tracking.finish()
+
+
+def _train(model, source, train_data, cfg, *, info, run_dir, meta, progress, log, resume, eval_name, accelerator,
+           device, train_loader, test_loader, training, tracking) -> FitResult:
+    """The epochs of :func:`fit` (after its checks): train, check, evaluate, record, and the final files."""
+    steps_per_epoch = len(train_loader)
+    dtype = input_dtype_of(model)
     main = accelerator.is_main_process
     loader_rng = train_loader.generator if isinstance(train_loader, (TensorLoader, WorkerAugmentLoader)) else None
     ckpt_path = run_dir / runs.CHECKPOINT if run_dir is not None else None
@@ -573,12 +599,15 @@ def _fit(model, source, train_data, test_data, cfg, *, info, run_dir, meta, prog
         t0 = time.perf_counter()
         bar = tqdm(train_loader, total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}",
                    disable=None if (progress and main) else True, leave=False, dynamic_ncols=True)
-        for x, y, idx in bar:
+        for i, (x, y, idx) in enumerate(bar):
             if x.dtype != dtype and x.is_floating_point():
                 x = x.to(dtype)
             if cfg.channels_last and x.ndim == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             terms = training.step(x, y, idx)
+            step = (epoch - 1) * steps_per_epoch + i + 1
+            if tracking is not None and tracking.every and step % tracking.every == 0:
+                tracking.log_step(step, terms, float(training.optimizer.param_groups[0]["lr"]))
             for k, v in terms.items():
                 term_sums[k] = term_sums.get(k, 0.0) + v.detach()
             correct += (training.logits.argmax(1) == (y if y.ndim == 1 else y.argmax(1))).sum()
@@ -599,6 +628,8 @@ def _fit(model, source, train_data, test_data, cfg, *, info, run_dir, meta, prog
         row = {"epoch": epoch, "train_loss": sum(terms_mean.values()), "train_acc": float(counts[0] / counts[1]),
                **{f"{eval_name}_{k}": v for k, v in m.items()}, "seconds": seconds, **terms_mean, **stats}
         history.append(row)
+        if tracking is not None:
+            tracking.log_epoch(row, eval_name, [float(g["lr"]) for g in training.optimizer.param_groups])
         # every rank's own RNG states (a collective: all ranks, before rank 0 writes)
         rank_rng = runs.gather_rng_states(loader_rng) if run_dir is not None else None
         if main and run_dir is not None:

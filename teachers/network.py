@@ -2,7 +2,8 @@
 
 By default the student is trained with cross-entropy on the teacher's probabilities (the
 paper's Table 6 protocol). With a temperature it uses Hinton et al.'s loss instead:
-(1 - w) * T^2 * KL(softmax(t/T) || softmax(s/T)) + w * CE(y, s).
+(1 - w) * T^2 * KL(softmax(t/T) || softmax(s/T)) + w * CE(y, s), as two named terms (``kd``,
+``hard_ce``) so that the metrics and trackers show the teacher's part apart from the labels'.
 
 The teacher is a finished run directory (``network:RUN_DIR``), a network of any registered, timm or
 torchvision name with weights from a file (``network:MODEL@FILE``, read without running its code)
@@ -24,7 +25,7 @@ from kd import runs
 from kd.checkpoints import checkpoint_num_classes, load_into, read_checkpoint
 from kd.classmap import IMAGENET, imagenet_class_names, resolve_class_map
 from kd.errors import KDError
-from kd.losses import hinton_kd_loss, soft_cross_entropy
+from kd.losses import hinton_kd_terms, soft_cross_entropy
 from kd.models import create_model, library_of, pretrained_checkpoint
 from kd.sources import Option, SourceContext, TargetSource
 
@@ -126,7 +127,7 @@ class NetworkTeacher(TargetSource):
         if self.temperature is None:
             return {"ce": soft_cross_entropy(logits, t_logits.softmax(-1))}
         # with mixup / cutmix the teacher sees the mixed input and the hard term is CE on the soft labels m
-        return {"kd": hinton_kd_loss(logits, t_logits, labels, self.temperature, self.hard_weight)}
+        return hinton_kd_terms(logits, t_logits, labels, self.temperature, self.hard_weight)
 
 
 def load_checked_teacher(name: str, arg: str, ctx: SourceContext) -> LoadedTeacher:

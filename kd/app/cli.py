@@ -68,6 +68,13 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pretrained", action="store_true", default=S,
                    help="timm:NAME / torchvision:NAME models: start from the library's own pretrained weights "
                    "(from its local cache, or downloaded; offline, give the file with --init FILE)")
+    g.add_argument("--log-with", default=S, metavar="NAME[,NAME]",
+                   help="experiment trackers through accelerate: tensorboard, mlflow, wandb, aim, trackio, ... (the "
+                   "config, every epoch's metrics and loss terms, C's movement, the learning rate); off by default")
+    g.add_argument("--log-every", type=int, default=S, metavar="N",
+                   help="with --log-with: the training loss every N optimizer steps too (default 50; 0: epochs only)")
+    g.add_argument("--log-dir", default=S, help="with --log-with: where the trackers write (default: the run directory)")
+    # -- text data sets (text:PATH) --
     g.add_argument("--optimizer", choices=["sgd", "adamw"], default=S)
     g.add_argument("--schedule", choices=["cosine", "step", "constant"], default=S, help="after warm-up; default cosine")
     g.add_argument("--warmup-epochs", type=float, default=S, help="linear warm-up, default 1")
