@@ -79,6 +79,14 @@ class TrainConfig:
     log_every: int = 50           # with log_with: the training loss every this many optimizer steps (0: epochs only)
     log_dir: str | None = None    # with log_with: where the trackers' files go (default: the run directory)
     # -- text data sets (text:PATH) --
+    text_column: str | None = None   # the column holding the text (None: text)
+    label_column: str | None = None  # the column holding the label, a name or an integer (None: label)
+    tokenizer: str | None = None     # a tokenizer.json (a text run's) or hf:DIR; None: built from the training split
+    max_length: int | None = None    # tokens kept per sample, cut in the collate (None: 256)
+    hash_buckets: int | None = None  # hash n-grams into this many ids instead of a vocabulary (None or 0: vocabulary)
+    word_ngrams: int | None = None   # word n-grams up to this order (None: 2)
+    char_ngrams: int | None = None   # also each word's character n-grams of length 3..N (None or 0: none)
+    max_vocab: int | None = None     # the vocabulary keeps the most frequent this many n-grams (None: 100000)
     options: dict[str, Any] = field(default_factory=dict)  # the target source's options that were given
 
     def __getattr__(self, name: str) -> Any:

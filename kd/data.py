@@ -229,17 +229,19 @@ class TensorLoader:
 
 
 class IndexedDataset(torch.utils.data.Dataset):
-    """Wraps a map-style data set so that each item also carries its index."""
+    """Wraps a map-style data set so that each item also carries its index (the base's ``ids`` entry, when it
+    keeps each sample's position in a larger set, as a validation split does)."""
 
     def __init__(self, base):
         self.base = base
+        self.ids = getattr(base, "ids", None)
 
     def __len__(self):
         return len(self.base)
 
     def __getitem__(self, i):
         x, y = self.base[i][:2]
-        return x, y, i
+        return x, y, (i if self.ids is None else int(self.ids[i]))
 
 
 # ---------------------------------------------------------------------------------------
@@ -447,9 +449,11 @@ def dataset_info(name: str) -> DatasetInfo:
     """The fixed description of a registered data set (``imagefolder:PATH`` sets are described when loaded)."""
     if image_folder_path(name) is not None:
         raise KDError(f"'{name}' is described by its images: use load_dataset, which measures its size, classes and mean/std")
+    if name.lower().startswith("text:"):
+        raise KDError(f"'{name}' is described by its files: use load_dataset, which reads its classes and tokenizer")
     key = ALIASES.get(name.lower(), name.lower())
     if key not in REGISTRY:
-        raise KDError(f"unknown data set '{name}'; choose one of {', '.join(REGISTRY)}, or imagefolder:PATH")
+        raise KDError(f"unknown data set '{name}'; choose one of {', '.join(REGISTRY)}, imagefolder:PATH or text:PATH")
     return REGISTRY[key][0]
 
 
@@ -470,8 +474,11 @@ PREPROCESS = ("matched", "paper")
 
 
 def load_dataset(name: str, root: str | Path | None = None, download: bool = False, *,
-                 image_size: int | None = None, preprocess: str = "matched") -> DataSplit:
+                 image_size: int | None = None, preprocess: str = "matched", text=None) -> DataSplit:
     """Load a data set by name. ``root`` defaults to $KD_DATA_ROOT or ./data.
+
+    ``text:PATH`` loads a user's own text (see :func:`kd.text.load_text_folder`), read and encoded as
+    ``text`` (a :class:`kd.text.TextOptions`; None: the defaults) says.
 
     ``imagefolder:PATH`` loads a user's own folders (see :func:`load_image_folder`; ``root``
     does not apply, PATH is taken as given); ``image_size`` is the square side its images
@@ -482,6 +489,12 @@ def load_dataset(name: str, root: str | Path | None = None, download: bool = Fal
     size = _check_image_size(image_size)
     if preprocess not in PREPROCESS:
         raise KDError(f"--preprocess must be one of {', '.join(PREPROCESS)}, got '{preprocess}'")
+    if name.lower().startswith("text:"):
+        from kd.text import load_text_folder, text_path
+
+        if download or size is not None or preprocess != "matched":
+            raise KDError("--download, --image-size and --preprocess paper do not apply to text:PATH data sets; drop them")
+        return load_text_folder(text_path(name), text)
     folder = image_folder_path(name)
     if preprocess == "paper" and (folder is not None or dataset_info(name).name not in PAPER_PIPELINES):
         raise KDError(f"--preprocess paper reproduces the authors' released pipeline for "
@@ -506,10 +519,15 @@ def load_dataset(name: str, root: str | Path | None = None, download: bool = Fal
     return paper_preprocess(split) if preprocess == "paper" else split
 
 
-def load_dataset_of_run(meta: dict, root: str | Path | None = None) -> DataSplit:
+def load_dataset_of_run(meta: dict, root: str | Path | None = None, run_dir: str | Path | None = None) -> DataSplit:
     """The data set a finished run was trained on, prepared as it was (``summary.json``'s dataset,
-    preprocess and, for image folders, image size)."""
+    preprocess and, for image folders, image size; for text, the columns and the tokenizer file kept in
+    ``run_dir``)."""
     name = meta["dataset"]
+    if name.lower().startswith("text:"):
+        from kd.text import run_text_options
+
+        return load_dataset(name, root, text=run_text_options(meta, run_dir))
     size = meta.get("image_size") if image_folder_path(name) is not None else None
     return load_dataset(name, root, image_size=size, preprocess=meta.get("preprocess", "matched"))
 
@@ -596,9 +614,11 @@ def split_off_validation(data, fraction: float, seed: int = 0, flag: str = "--va
         labels = data.labels
     elif isinstance(data, torch.utils.data.TensorDataset) and len(data.tensors) >= 2 and data.tensors[1].ndim == 1:
         labels = data.tensors[1]
+    elif hasattr(data, "subset") and torch.is_tensor(getattr(data, "targets", None)):  # kd.text.TextDataset
+        labels = data.targets
     else:
         raise KDError(f"{flag} splits in-memory data sets (digits, MNIST, Fashion-MNIST, CIFAR, SVHN, small image "
-                      f"folders, a TensorDataset or (inputs, labels) arrays with integer labels); this one is "
+                      f"folders, text:PATH, a TensorDataset or (inputs, labels) arrays with integer labels); this one is "
                       f"{type(data).__name__}: split it yourself and pass the held-out part as the evaluation data")
     val_mask = stratified_holdout(labels, fraction, seed, flag)
     ids = getattr(data, "ids", None)
@@ -608,6 +628,8 @@ def split_off_validation(data, fraction: float, seed: int = 0, flag: str = "--va
         keep = mask.nonzero().flatten()
         if isinstance(data, ImageTensors):
             return ImageTensors(data.images[keep], data.labels[keep], data.scale, ids[keep])
+        if hasattr(data, "subset"):
+            return data.subset(keep, ids[keep])
         return TensorSubset(*(t[keep] for t in data.tensors), ids=ids[keep])
 
     return part(~val_mask), part(val_mask)

@@ -148,10 +148,12 @@ def make_loader(data, info: DatasetInfo | None, cfg: TrainConfig, *, train: bool
             x = x.to(input_dtype)
         y = y if y.is_floating_point() else y.long()  # soft labels (N x K) stay floats
         return TensorLoader(x, y, cfg.batch_size, ids=getattr(data, "ids", None), **common)
+    workers = getattr(data, "loader_workers", workers)  # a set held in memory (text) asks for none
     loader = torch.utils.data.DataLoader(
         IndexedDataset(data), batch_size=cfg.batch_size, shuffle=train, drop_last=train,
         num_workers=workers, pin_memory=torch.device(device).type == "cuda",
         persistent_workers=train and workers > 0,
+        collate_fn=getattr(data, "collate", None),  # a set that batches its own items (text: pads token ids)
     )
     return accelerator.prepare(loader) if (train and accelerator is not None) else loader
 

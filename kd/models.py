@@ -156,6 +156,20 @@ def _mlp(in_channels, num_classes, image_size):
     return MLP(in_channels * image_size * image_size, num_classes)
 
 
+def _fasttext(in_channels, num_classes, image_size):
+    """Text: ``in_channels`` is the number of token ids (kd.text: a text set's channels are its vocabulary)."""
+    from kd.text import FastText
+
+    return FastText(in_channels, num_classes)
+
+
+def _text_transformer(in_channels, num_classes, image_size):
+    """Text: ``in_channels`` token ids, ``image_size`` positions (the data set's maximum sequence length)."""
+    from kd.text import TextTransformer
+
+    return TextTransformer(in_channels, num_classes, image_size)
+
+
 MODELS: dict[str, Callable[[int, int, int], nn.Module]] = {
     "lenet": _lenet,
     "mlp": _mlp,
@@ -167,6 +181,8 @@ MODELS: dict[str, Callable[[int, int, int], nn.Module]] = {
     "resnet101": _small_stem_resnet("resnet101"),
     "shufflenetv2": _small_shufflenetv2,
     "densenet121": _small_densenet121,
+    "fasttext": _fasttext,
+    "text-transformer": _text_transformer,
 }
 
 
@@ -189,9 +205,16 @@ def _torchvision_model(name: str, in_channels: int, num_classes: int) -> nn.Modu
 
 
 def create_model(name: str, num_classes: int, in_channels: int = 3, image_size: int = 32) -> nn.Module:
-    """Build a classifier by name with ``num_classes`` outputs for ``in_channels`` x size x size inputs."""
+    """Build a classifier by name with ``num_classes`` outputs for ``in_channels`` x size x size inputs.
+
+    Text models (``fasttext``, ``text-transformer``, ``hf:DIR``) read token ids: ``in_channels`` is then the
+    number of token ids and ``image_size`` the longest sequence (what a text set's DatasetInfo holds)."""
     if name in MODELS:
         return MODELS[name](in_channels, num_classes, image_size)
+    if name.startswith("hf:"):
+        from kd.text import hf_classifier, hf_path
+
+        return hf_classifier(hf_path(name), num_classes)
     if name.startswith("timm:"):
         return _timm_model(name[5:], in_channels, num_classes)
     if name.startswith("torchvision:"):
@@ -204,7 +227,7 @@ def create_model(name: str, num_classes: int, in_channels: int = 3, image_size: 
     if name in torchvision.models.list_models():
         return _torchvision_model(name, in_channels, num_classes)
     raise KDError(
-        f"unknown model '{name}'; use one of {', '.join(MODELS)}, or timm:NAME / torchvision:NAME"
+        f"unknown model '{name}'; use one of {', '.join(MODELS)}, or timm:NAME / torchvision:NAME / hf:DIR"
     )
 
 

@@ -38,6 +38,9 @@ _CLI_FIELDS = {
     "image_size": "pass the data itself; kd.data.load_dataset('imagefolder:PATH', image_size=...) sizes a folder",
     "download": "kd.data.load_dataset(NAME, download=True) fetches a named data set",
     "pretrained": "build the model with kd.models.build_model(NAME, K, pretrained=True)",
+    **{name: "encode the text yourself, or load a text folder with kd.data.load_dataset('text:PATH', "
+       "text=kd.text.TextOptions(...))" for name in ("text_column", "label_column", "tokenizer", "max_length",
+                                                     "hash_buckets", "word_ngrams", "char_ngrams", "max_vocab")},
 }
 
 

@@ -39,8 +39,8 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     """Training flags shared by every verb that trains; each mirrors a key of TrainConfig / YAML."""
     g = p.add_argument_group("training (each flag mirrors a key of --config FILE.yaml)")
     g.add_argument("--config", metavar="FILE.yaml", help="YAML file of keys mirroring these flags; flags win")
-    g.add_argument("--model", default=S, help="registered name (lenet, resnet18, ...), timm:NAME or torchvision:NAME; default: the data set's")
-    g.add_argument("--dataset", default=S, help="digits (default), mnist, fashion-mnist, cifar10, cifar100, svhn, tinyimagenet, imagenet100, animals10n, or imagefolder:PATH (your own images: PATH/train/CLASS/*, PATH/val/CLASS/*)")
+    g.add_argument("--model", default=S, help="registered name (lenet, resnet18, ...; fasttext, text-transformer for text), timm:NAME, torchvision:NAME, or hf:DIR (a local Hugging Face text classifier); default: the data set's")
+    g.add_argument("--dataset", default=S, help="digits (default), mnist, fashion-mnist, cifar10, cifar100, svhn, tinyimagenet, imagenet100, animals10n, imagefolder:PATH (your own images: PATH/train/CLASS/*, PATH/val/CLASS/*), or text:PATH (your own text: PATH/train.csv and PATH/test.csv, or .tsv, .jsonl, .json)")
     g.add_argument("--preprocess", choices=["matched", "paper"], default=S,
                    help="matched (default): training and test images prepared alike; paper: the authors' released "
                    "Fashion-MNIST pipeline (training images reflect-padded to 32, test images resized to 32: a "
@@ -75,6 +75,21 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
                    help="with --log-with: the training loss every N optimizer steps too (default 50; 0: epochs only)")
     g.add_argument("--log-dir", default=S, help="with --log-with: where the trackers write (default: the run directory)")
     # -- text data sets (text:PATH) --
+    g.add_argument("--text-column", default=S, help="text:PATH: the column holding the text (default text)")
+    g.add_argument("--label-column", default=S,
+                   help="text:PATH: the column holding the label, a name or an integer (default label)")
+    g.add_argument("--tokenizer", default=S, metavar="FILE|hf:DIR",
+                   help="text:PATH: encode with this tokenizer.json (a text run's) or a local Hugging Face tokenizer; "
+                   "default: one built from the training split (a student takes its teacher run's)")
+    g.add_argument("--max-length", type=int, default=S, help="text:PATH: tokens kept per sample (default 256)")
+    g.add_argument("--hash-buckets", type=int, default=S, metavar="N",
+                   help="text:PATH: hash n-grams into N ids instead of a vocabulary of the training split (default 0: "
+                   "vocabulary)")
+    g.add_argument("--word-ngrams", type=int, default=S, metavar="N", help="text:PATH: word n-grams up to N (default 2)")
+    g.add_argument("--char-ngrams", type=int, default=S, metavar="N",
+                   help="text:PATH: also each word's character n-grams of length 3..N (default 0: none)")
+    g.add_argument("--max-vocab", type=int, default=S, metavar="N",
+                   help="text:PATH: keep the N most frequent n-grams in the vocabulary (default 100000)")
     g.add_argument("--optimizer", choices=["sgd", "adamw"], default=S)
     g.add_argument("--schedule", choices=["cosine", "step", "constant"], default=S, help="after warm-up; default cosine")
     g.add_argument("--warmup-epochs", type=float, default=S, help="linear warm-up, default 1")

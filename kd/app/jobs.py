@@ -15,6 +15,8 @@ from kd.engine import FitResult, fit, predict, resolve_device
 from kd.errors import KDError
 from kd.lock import run_lock
 from kd.seeding import seeded
+from kd.text import (TOKENIZER_FILE, check_model_fits, check_teacher_tokenizer, hf_path, save_run_tokenizer,
+                     text_meta, text_options, text_path)
 from students import run_distill
 from teachers import DEFAULT_ALPHA, make_source, teacher_from_spec
 from teachers.cached import save_cache, save_topk_cache
@@ -31,6 +33,7 @@ def model_meta(cfg: TrainConfig, split: DataSplit, model_name: str) -> dict[str,
         "mean": list(info.mean), "std": list(info.std), "class_names": info.class_names,
         "seed": cfg.seed, "lr": cfg.lr,
         **({"val_fraction": cfg.val_fraction, "val_seed": cfg.val_seed} if cfg.val_fraction else {}),
+        **text_meta(cfg, split),  # text: in_channels is the vocabulary size, image_size the longest sequence
     }
 
 
@@ -41,7 +44,7 @@ def load_split(cfg: TrainConfig) -> tuple[DataSplit, int, str]:
     the evaluation is named ``val``: the test set is not loaded into the run at all.
     """
     split = load_dataset(cfg.dataset, cfg.data_root, cfg.download, image_size=cfg.image_size,
-                         preprocess=cfg.preprocess)
+                         preprocess=cfg.preprocess, text=text_options(cfg))
     num_train = len(split.train)
     if cfg.val_fraction:
         return validation_split(split, cfg.val_fraction, cfg.val_seed), num_train, "val"
@@ -52,7 +55,10 @@ def build_model(cfg: TrainConfig, split: DataSplit, resume: bool = False, log=pr
     """The run's network, built under its seed, started from ``--init`` or ``--pretrained`` weights (not when
     resuming: the checkpoint holds the weights). Returns (name, model, the config with the init file's SHA-256)."""
     name = cfg.model or split.info.default_model
+    if hf_path(name) is not None:  # recorded absolute: a later job rebuilds the network from another directory
+        name = f"hf:{hf_path(name).resolve()}"
     info = split.info
+    check_model_fits(name, info)
     with seeded(cfg.seed):
         model, record = models.build_model(name, info.num_classes, info.channels, info.image_size,
                                            init=None if resume else cfg.init, pretrained=cfg.pretrained and not resume,
@@ -85,7 +91,9 @@ def train_teacher_job(cfg: TrainConfig, out: str | Path, progress: bool = True, 
     """`kd train-teacher`: train a network with a label-only source (1-hot, LS, LS++, ...) into ``out``."""
     cfg = cfg.with_cli_defaults().validate()
     _open_run(out, resume)
-    split, num_train, eval_name = load_split(cfg)
+    own = Path(out) / TOKENIZER_FILE  # a resumed text run encodes with the tokenizer it started with
+    split, num_train, eval_name = load_split(cfg.updated({"tokenizer": str(own)}) if resume and own.is_file()
+                                             and cfg.tokenizer is None and hf_path(cfg.model) is None else cfg)
     source = make_source(cfg.method, split.info.num_classes, label_only=True, dataset=split.info.name,
                          num_train=num_train, info=split.info, **cfg.source_options())
     name, model, cfg = build_model(cfg, split, resume, log)
@@ -94,6 +102,8 @@ def train_teacher_job(cfg: TrainConfig, out: str | Path, progress: bool = True, 
             **model_meta(cfg, split, name)}
     with run_lock(out, runs.launch_rank()):  # a second run on the same --out refuses instead of interleaving
         run_dir = _start_or_continue(out, resolved, resume)
+        if runs.launch_rank() == 0:
+            save_run_tokenizer(run_dir, split)  # text: the students, cache and proxy of this run encode with it
         return fit(model, source, split.train, split.test, resolved, info=split.info, run_dir=run_dir,
                    meta=meta, progress=progress, log=log, resume=resume, eval_name=eval_name)
 
@@ -110,18 +120,58 @@ def distill_job(cfg: TrainConfig, out: str | Path, progress: bool = True, log=pr
     if cfg.dataset is None:
         cfg = cfg.updated(teacher_data(cfg.teacher))
     cfg = cfg.with_cli_defaults().validate()
+    run = teacher_run_dir(cfg.teacher)
+    cfg = teacher_text(cfg, run)
     _open_run(out, resume)
     split, num_train, eval_name = load_split(cfg)
     teacher = teacher_from_spec(cfg.teacher, split.info, num_train, **cfg.source_options())
+    if teacher.needs_inputs and run is not None:  # a network teacher reads the student's token ids
+        check_teacher_tokenizer(cfg.teacher, split, run)
     name, student, cfg = build_model(cfg, split, resume, log)
     resolved = cfg.updated({"model": name}).with_options(alpha=getattr(teacher, "alpha", None))
     meta = {"kind": "student", "teacher": cfg.teacher, "teacher_kind": cfg.teacher.partition(":")[0], "source": teacher.name,
             "alpha": resolved.options.get("alpha"), **model_meta(cfg, split, name)}
     with run_lock(out, runs.launch_rank()), warnings.catch_warnings():
         run_dir = _start_or_continue(out, resolved, resume)
+        if runs.launch_rank() == 0:
+            save_run_tokenizer(run_dir, split)
         warnings.simplefilter("always")
         return run_distill(student, teacher, split.train, split.test, resolved, info=split.info, run_dir=run_dir,
                            meta=meta, progress=progress, log=log, resume=resume, eval_name=eval_name)
+
+
+def teacher_run_dir(spec: str) -> Path | None:
+    """The finished teacher run a SPEC names: its RUN_DIR, or the run a proxy or cache file was made from (the
+    file's ``teacher_run`` entry); None for anything else."""
+    kind, _, arg = spec.partition(":")
+    if not arg or "@" in arg:
+        return None
+    path = Path(arg)
+    if path.is_file() and path.suffix == ".safetensors":
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                path = Path((f.metadata() or {}).get("teacher_run") or "")
+        except Exception:  # an unreadable file is reported, in one line, by the source that reads it
+            return None
+    return path if str(path) not in ("", ".") and (path / runs.SUMMARY).is_file() else None
+
+
+def teacher_text(cfg: TrainConfig, run: Path | None) -> TrainConfig:
+    """A text student reads its data as its teacher run did: the run's columns, and the run's tokenizer.json
+    (an hf:DIR student keeps its own tokenizer); settings given explicitly stay."""
+    if run is None or text_path(cfg.dataset) is None or not (run / TOKENIZER_FILE).is_file():
+        return cfg
+    meta = runs.read_summary(run)
+    if meta.get("dataset") != cfg.dataset and text_path(meta.get("dataset")) != text_path(cfg.dataset).resolve():
+        return cfg
+    given = {k: meta[k] for k in ("text_column", "label_column") if getattr(cfg, k) is None and meta.get(k)}
+    own = cfg.tokenizer is not None or hf_path(cfg.model) is not None or cfg.max_length is not None \
+        or any(getattr(cfg, k) is not None for k in ("hash_buckets", "word_ngrams", "char_ngrams", "max_vocab"))
+    if not own:
+        given["tokenizer"] = str(run / TOKENIZER_FILE)
+    return cfg.updated(given) if given else cfg
 
 
 def teacher_data(spec: str) -> dict[str, Any]:
@@ -185,7 +235,7 @@ def teacher_network(run_dir: str | Path | None, dataset: str | None, data_root: 
     else:
         meta = _finished_run(run_dir)
         name = dataset or meta["dataset"]
-        split = load_dataset_of_run(meta, data_root) if name == meta["dataset"] else load_dataset(name, data_root)
+        split = load_dataset_of_run(meta, data_root, run_dir) if name == meta["dataset"] else load_dataset(name, data_root)
         if meta["dataset"] != split.info.name and class_map is None:
             raise KDError(f"teacher run {run_dir} was trained on '{meta['dataset']}', not '{split.info.name}'; drop "
                           f"--dataset, or connect the classes with --class-map")

@@ -84,6 +84,7 @@ SUBSET_SEED = 0
 TOP_K = 5
 MAX_K_CELLS = 20        # values printed in heatmap cells up to this many classes
 MAX_K_TICKS = 40        # class names on the axes up to this many classes
+MAX_K_HEATMAP = 64      # C is drawn as a heatmap up to this many classes (above, as tables of each row's strongest)
 ABLATION = {"lspp-ce": "cross-entropy (lspp-ce)", "lspp-sce": "SCE, original (lspp-sce)",
             "lspp": "SCE, ours (lspp = LS++)"}
 CACHE_FORMAT = "proxykd-report-cache-v1"
@@ -232,7 +233,7 @@ def compute_outputs(src: Source, data_root: str | None, device: str, points: int
     """One pass over the training set (class-mean softmax) and one over the test set (logits, and the
     penultimate features of a seeded subset of ``points`` samples), un-augmented, eval mode."""
     model, meta = load_teacher_network(src.path)
-    split = load_dataset_of_run(meta, data_root)
+    split = load_dataset_of_run(meta, data_root, src.path)  # a text run: encoded with its own tokenizer.json
     dev = resolve_device(device)
     model = model.to(dev).eval()
     forward = penultimate(model)
@@ -463,13 +464,14 @@ def fig_c_matrix(rep: Report, srcs: list[Source]) -> None:
     csvs = [rep.csv(f"c_matrix_{_slug(s.label)}.csv", matrix_frame(s.c, s.class_names), index=True) for s in srcs]
     alphas = [s.c_meta.get("alpha") for s in srcs]
     what = f"C-matrix (paper Fig. 3), from {_runs_line(srcs)}"
-    if k > MAX_K_CELLS or any(len(s.c) != k for s in srcs):
-        tables, ncsv = [], []
+    tables, ncsv = [], []
+    if k > MAX_K_CELLS or any(len(s.c) != k for s in srcs):  # too many cells to print C's values in: tables
         for s in srcs:
             df = top_neighbours(s.c, s.class_names)
             ncsv.append(rep.csv(f"c_neighbours_{_slug(s.label)}.csv", df))
             tables.append(f"**{s.label}**: each class's {TOP_K} strongest non-target classes in C (weight)\n\n"
                           + _md_table(df))
+    if k > MAX_K_HEATMAP or any(len(s.c) != k for s in srcs):
         rep.section("1. C-matrix: strongest neighbours per class", None,
                     f"K = {k} is too many classes for a readable heatmap; the tables list, per class, the "
                     f"classes C gives most of the smoothing mass. {what}.", csvs + ncsv, "\n\n".join(tables))
@@ -482,7 +484,9 @@ def fig_c_matrix(rep: Report, srcs: list[Source]) -> None:
                                   f"{1 / (k - 1):.3f})", cmap="magma")
     _save(fig, rep.out / "c_matrix.png", rep.manifest, "C-matrix heatmap", what)
     rep.section("1. C-matrix", "c_matrix.png",
-                f"{what}. Row i: how class i's smoothing mass alpha is spread over the other classes.", csvs)
+                f"{what}. Row i: how class i's smoothing mass alpha is spread over the other classes."
+                + (" The values are in the tables below and the CSV files." if tables else ""), csvs + ncsv,
+                "\n\n".join(tables))
 
 
 def fig_class_probs(rep: Report, srcs: list[Source], outs: dict[str, dict]) -> None:
