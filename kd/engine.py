@@ -28,7 +28,7 @@ from kd import runs
 from kd.augment import BatchMix, CutoutTransform, WorkerAugmentLoader, parse_rand_augment
 from kd.config import TrainConfig
 from kd.data import BatchTransform, DatasetInfo, ImageFiles, ImageTensors, IndexedDataset, TensorLoader, as_dataset
-from kd.errors import KDError
+from kd.errors import KDError, NonFiniteError
 from kd.metrics import classification_metrics
 from kd.seeding import seeded
 from kd.tracking import RunTracking, parse_trackers
@@ -619,7 +619,7 @@ def _train(model, source, train_data, cfg, *, info, run_dir, meta, progress, log
         total_seconds += seconds
         bad = _nonfinite_parts(model, training.source, term_sums, training.all_reduce)  # before anything is written
         if bad:
-            raise KDError(_nonfinite_message(epoch, bad, cfg, kept=history[-1]["epoch"] if history else None,
+            raise NonFiniteError(_nonfinite_message(epoch, bad, cfg, kept=history[-1]["epoch"] if history else None,
                                              run_dir=run_dir))
         counts = training.all_reduce(torch.stack([correct.double(), torch.tensor(float(seen), device=device,
                                                                                  dtype=torch.float64)]))

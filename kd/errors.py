@@ -3,3 +3,7 @@
 
 class KDError(Exception):
     """A problem with the user's input (flags, files, data); never a bug in proxykd."""
+
+
+class NonFiniteError(KDError):
+    """A run stopped because its loss, C or weights stopped being finite (the learning rate is too high, most often)."""

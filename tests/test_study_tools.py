@@ -395,6 +395,7 @@ def test_a_fresh_clone_keeps_the_committed_rows_and_trains_only_what_is_missing(
 
     first = run_sweep(f, log=log, jobs=1).set_index(["name", "seed"]).sort_index()
     assert any("alone seed 1 ..." in line for line in seen)
+    committed = pd.read_csv(tmp_path / "results" / "sel_selection.csv")
     shutil.rmtree(tmp_path / "runs")  # a fresh clone: only results/ is left
     seen.clear()
     again = run_sweep(f, log=seen.append, jobs=1).set_index(["name", "seed"]).sort_index()
@@ -404,7 +405,8 @@ def test_a_fresh_clone_keeps_the_committed_rows_and_trains_only_what_is_missing(
     pd.testing.assert_frame_equal(first.loc[kept, ["lr", "test_acc", "test_ece"]],
                                   again.loc[kept, ["lr", "test_acc", "test_ece"]])
     sel = pd.read_csv(tmp_path / "results" / "sel_selection.csv")
-    assert sorted(sel.loc[sel.chosen, "name"]) == ["alone", "pt"] and len(sel) == 4
+    assert sorted(sel.loc[sel.chosen, "name"]) == ["alone", "pt"]
+    pd.testing.assert_frame_equal(sel, committed)  # every validation row kept, the edge rule's included
 
     # a missing row of a run that reads a cache: the cache and the teacher it is made from come back first
     csv = tmp_path / "results" / "sel.csv"
@@ -423,3 +425,159 @@ def test_a_fresh_clone_keeps_the_committed_rows_and_trains_only_what_is_missing(
     run_sweep(f, log=seen.append, jobs=1)
     assert any(line.startswith("[sweep] alone seed 0 ...") for line in seen)
     assert (pd.read_csv(tmp_path / "results" / "sel.csv")["epochs"] == 1).all()
+
+
+# ---------------------------------------------------------------------------------------
+# the edge rule: a grid grows until its best rate is inside it (or a cap is reached)
+
+def _fake_trainer(curve, calls, stop_at=None):
+    """Stands in for `execute`: validation accuracy is curve(lr); a run at lr >= stop_at stops non-finite."""
+    from kd.errors import NonFiniteError
+
+    def execute(job):
+        cfg, out = job["config"], __import__("pathlib").Path(job["out"])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg))
+        calls.append((out.parent.name if out.parent.name != "select" else out.parent.parent.name, cfg["lr"],
+                      cfg["val_fraction"] > 0))
+        if stop_at is not None and cfg["lr"] >= stop_at:
+            raise NonFiniteError(f"the loss is not finite at lr {cfg['lr']}")
+        if cfg["val_fraction"] > 0:
+            s = {"evaluated_on": "val", "val_acc": curve(cfg["lr"]), "val_nll": 1.0}
+        else:
+            s = {"evaluated_on": "test", "test_acc": 0.9, "test_nll": 0.3, "test_ece": 0.01, "model": cfg["model"],
+                 "epochs": cfg["epochs"], "train_seconds": 1.0, "seconds_per_epoch": 1.0}
+        (out / "summary.json").write_text(json.dumps(s))
+        return s
+    return execute
+
+
+EDGE = """
+runs_dir: {d}/runs
+results: {d}/results/edge
+seeds: [0, 1]
+select: {{lr: [0.05, 0.1, 0.2]{extend}}}
+base: {{dataset: digits, model: mlp, epochs: 1, device: cpu}}
+runs:
+  - {{name: a, verb: distill, teacher: onehot}}
+  - {{name: b, verb: distill, teacher: ls, lr_from: a}}
+"""
+
+
+@pytest.mark.parametrize("peak, extend, grid, chosen, where", [
+    (0.4, "", [0.05, 0.1, 0.2, 0.4, 0.8], 0.4, "interior"),             # grows up until the best is inside
+    (0.01, "", [0.00625, 0.0125, 0.025, 0.05, 0.1, 0.2], 0.0125, "interior"),  # grows down, by /2
+    (10.0, ", extend: 2", [0.05, 0.1, 0.2, 0.4, 0.8], 0.8, "cap"),      # keeps rising: stops at the cap
+    (0.1, "", [0.05, 0.1, 0.2], 0.1, "interior"),                       # already bracketed: nothing added
+    (10.0, ", extend: 0", [0.05, 0.1, 0.2], 0.2, "edge"),                # the rule turned off
+])
+def test_a_grid_whose_best_rate_is_at_an_edge_grows_by_its_own_ratio(tmp_path, monkeypatch, peak, extend, grid,
+                                                                     chosen, where):
+    import math
+
+    import kd.app.sweep as sweep
+
+    calls: list = []
+    monkeypatch.setattr(sweep, "execute", _fake_trainer(lambda lr: 0.9 - abs(math.log2(lr / peak)) / 100, calls))
+    f = tmp_path / "s.yaml"
+    f.write_text(EDGE.format(d=tmp_path, extend=extend))
+    df = sweep.run_sweep(f, log=None)
+    val = sorted({lr for name, lr, v in calls if v})
+    assert val == pytest.approx(grid)
+    assert all(name == "a" for name, lr, v in calls if v)                # b takes a's rate, no grid of its own
+    assert sorted(lr for name, lr, v in calls if not v) == pytest.approx([chosen] * 4)  # a and b, seeds 0 and 1
+    assert set(df["lr"]) == {chosen} and set(df["grid"]) == {where}
+    sel = pd.read_csv(tmp_path / "results" / "edge_selection.csv")
+    assert sorted(sel["lr"]) == pytest.approx(grid)
+    assert sorted(sel.loc[sel.extended, "lr"]) == pytest.approx([v for v in grid if v not in (0.05, 0.1, 0.2)])
+    assert sel.loc[sel.chosen, "lr"].tolist() == pytest.approx([chosen]) and set(sel["grid"]) == {where}
+    n = len(calls)
+    sweep.run_sweep(f, log=None)                                          # finished: nothing runs again
+    assert len(calls) == n
+
+
+def test_a_rate_at_which_training_stops_counts_as_the_worst_and_is_not_rerun(tmp_path, monkeypatch):
+    import kd.app.sweep as sweep
+
+    calls: list = []
+    monkeypatch.setattr(sweep, "execute", _fake_trainer(lambda lr: lr, calls, stop_at=0.4))
+    f = tmp_path / "s.yaml"
+    f.write_text(EDGE.format(d=tmp_path, extend=""))
+    df = sweep.run_sweep(f, log=None)
+    assert set(df["lr"]) == {0.2} and set(df["grid"]) == {"interior"}
+    stopped = tmp_path / "runs" / "a" / "select" / "lr0.4-seed0" / "stopped.json"
+    assert "not finite" in json.loads(stopped.read_text())["stopped"]
+    sel = pd.read_csv(tmp_path / "results" / "edge_selection.csv")
+    assert sel.loc[sel.lr == 0.4, "val_acc"].isna().all() and "not finite" in sel.loc[sel.lr == 0.4, "stopped"].iloc[0]
+    assert "stopped" in (tmp_path / "results" / "edge.md").read_text()
+    n = len(calls)
+    sweep.run_sweep(f, log=None)
+    assert len(calls) == n
+
+
+def test_a_fresh_clone_keeps_the_extended_rates_of_the_committed_selection(tmp_path, monkeypatch):
+    """The added rates are in the committed selection CSV: a clone without the run directories neither
+    trains them again nor forgets them (the chosen rate stays the extended one)."""
+    import math
+    import shutil
+
+    import kd.app.sweep as sweep
+
+    calls: list = []
+    monkeypatch.setattr(sweep, "execute", _fake_trainer(lambda lr: 0.9 - abs(math.log2(lr / 0.4)) / 100, calls))
+    sweeps = tmp_path / "sweeps"
+    sweeps.mkdir()
+    f = sweeps / "s.yaml"
+    f.write_text(EDGE.format(d=tmp_path, extend=""))
+    sweep.run_sweep(f, log=None)
+    shutil.rmtree(tmp_path / "runs")
+    calls.clear()
+    df = sweep.run_sweep(f, log=None)
+    assert calls == [] and set(df["lr"]) == {0.4}
+    sel = pd.read_csv(tmp_path / "results" / "edge_selection.csv")
+    assert sorted(sel["lr"]) == pytest.approx([0.05, 0.1, 0.2, 0.4, 0.8]) and sel.loc[sel.chosen, "lr"].tolist() == [0.4]
+
+
+def test_select_extend_must_be_a_whole_number(tmp_path):
+    from kd.app.sweep import load_sweep
+
+    f = tmp_path / "s.yaml"
+    f.write_text(EDGE.format(d=tmp_path, extend=", extend: -1"))
+    with pytest.raises(KDError, match="select.extend"):
+        load_sweep(f)
+
+
+def test_a_teacher_whose_chosen_rate_moves_is_trained_again_and_so_are_its_students(tmp_path, monkeypatch):
+    """On a fresh clone the committed rows stand only while what they read stands: when the edge rule moves
+    the teacher's rate, the teacher and the student it taught are trained again; the other student is not."""
+    import math
+    import shutil
+
+    import kd.app.sweep as sweep
+
+    calls: list = []
+    monkeypatch.setattr(sweep, "execute", _fake_trainer(lambda lr: 0.9 - abs(math.log2(lr / 0.4)) / 100, calls))
+    sweeps = tmp_path / "sweeps"
+    sweeps.mkdir()
+    body = f"""
+runs_dir: {tmp_path}/runs
+results: {tmp_path}/results/t
+seeds: [0]
+select: {{lr: [0.05, 0.1, 0.2], extend: EXTEND}}
+base: {{dataset: digits, model: mlp, epochs: 1, device: cpu}}
+runs:
+  - {{name: teacher, verb: train-teacher, method: lspp}}
+  - {{name: student, verb: distill, teacher: "proxy:{{runs_dir}}/teacher/seed{{seed}}", lr: 0.1}}
+  - {{name: alone, verb: distill, teacher: onehot, lr: 0.1}}
+"""
+    f = sweeps / "s.yaml"
+    f.write_text(body.replace("EXTEND", "0"))
+    sweep.run_sweep(f, log=None)
+    assert pd.read_csv(tmp_path / "results" / "t.csv").set_index("name").loc["teacher", "lr"] == 0.2
+    shutil.rmtree(tmp_path / "runs")
+    calls.clear()
+    f.write_text(body.replace("EXTEND", "3"))
+    df = sweep.run_sweep(f, log=None).set_index("name")
+    assert sorted((n, lr) for n, lr, _ in calls) == [("student", 0.1), ("teacher", 0.4), ("teacher", 0.4),
+                                                     ("teacher", 0.8)]
+    assert df.loc["teacher", "lr"] == 0.4 and df.loc["alone", "lr"] == 0.1

@@ -68,5 +68,7 @@ def test_the_example_sweep_file_runs_as_shipped(tmp_path):
     assert sorted(set(df["name"])) == sorted(names) and len(df) == len(names) * len(spec["seeds"])
     assert (tmp_path / "results" / "example.md").is_file()
     sel = pd.read_csv(tmp_path / "results" / "example_selection.csv")
-    assert set(sel["lr"]) == set(spec["select"]["lr"])
+    grid = spec["select"]["lr"]
+    assert set(grid) <= set(sel["lr"]) <= set(grid) | {grid[0] / 2, grid[-1] * 2}  # extend: 1, by the grid's ratio
+    assert set(sel["grid"]) <= {"interior", "cap"}
     shutil.rmtree(tmp_path / "runs")

@@ -23,6 +23,15 @@ table. A run's ``lr_grid`` replaces the grid for that run; ``lr_from: OTHER`` re
 chosen for run OTHER. The chosen rate is in the CSV's ``lr`` column and every validation
 result in ``RESULTS_selection.csv``.
 
+A grid must bracket its optimum: when the best rate is the grid's largest, the grid grows by its
+own top ratio (0.2 after 0.1 adds 0.4), and when it is the smallest, by its bottom ratio downwards,
+until the best rate is interior or ``select.extend`` rates (default 3) were added on that side.
+The added rates are validation runs like the others (``extended`` in the selection CSV), and the
+CSVs' ``grid`` column says for each run whether its rate is ``interior``, at an edge after the
+``cap`` of extensions, or at an ``edge`` of a grid that cannot grow (one value, or ``extend: 0``).
+A validation run whose loss stops being finite counts as the worst result (``stopped.json`` in its
+directory says why; ``stopped`` in the CSV); the other runs go on.
+
 A run whose ``summary.json`` exists is skipped (after checking that its config.yaml holds
 the values this file asks for, so two sweep files can share runs), so an interrupted sweep
 resumes where it stopped. The results are rewritten after every finished run, so that they can
@@ -57,14 +66,15 @@ import yaml
 import teachers
 from kd import runs
 from kd.config import TrainConfig, load_yaml_config
-from kd.errors import KDError
+from kd.errors import KDError, NonFiniteError
 from kd.metrics import row_entropy_bits
 
 VERBS = ("train-teacher", "distill", "proxy-export", "teacher-cache")
 #: verbs that write one file from a finished run (``run: NAME``) instead of training; the file each writes
 ARTIFACTS = {"proxy-export": "c_matrix.safetensors", "teacher-cache": "cache.safetensors"}
 RUN_KEYS = ("name", "verb", "seeds", "table", "run", "from", "lr_grid", "lr_from", "exclusive")  # not config keys
-SELECT_DEFAULTS = {"val_fraction": 0.1, "val_seed": 0, "seeds": [0]}
+SELECT_DEFAULTS = {"val_fraction": 0.1, "val_seed": 0, "seeds": [0], "extend": 3}
+STOPPED = "stopped.json"  # in a validation run's directory: the run stopped on a non-finite loss (its result)
 REFERENCE = re.compile(r"\{runs_dir\}/([^/]+)/")
 
 
@@ -91,13 +101,17 @@ def load_sweep(path: str | Path) -> dict[str, Any]:
     if "select" in spec:
         sel = spec["select"]
         if not isinstance(sel, dict) or "lr" not in sel:
-            raise KDError(f"{path}: select needs lr (the grid), optionally val_fraction, val_seed and seeds")
+            raise KDError(f"{path}: select needs lr (the grid), optionally val_fraction, val_seed, seeds and extend")
         unknown = set(sel) - {"lr", *SELECT_DEFAULTS}
         if unknown:
-            raise KDError(f"{path}: unknown select key '{sorted(unknown)[0]}'; use lr, val_fraction, val_seed, seeds")
+            raise KDError(f"{path}: unknown select key '{sorted(unknown)[0]}'; use lr, val_fraction, val_seed, seeds, extend")
         spec["select"] = {**SELECT_DEFAULTS, **sel, "lr": _grid(sel["lr"], f"{path}: select.lr")}
         if not 0.0 < float(spec["select"]["val_fraction"]) < 1.0:
             raise KDError(f"{path}: select.val_fraction must lie in (0, 1), got {spec['select']['val_fraction']}")
+        ext = spec["select"]["extend"]
+        if isinstance(ext, bool) or not isinstance(ext, int) or ext < 0:
+            raise KDError(f"{path}: select.extend is how many rates the grid may grow by on each side "
+                          f"(a whole number, 0 to never extend), got {ext!r}")
     names: dict[str, dict] = {}
     for i, run in enumerate(spec["runs"]):
         if not isinstance(run, dict) or "name" not in run or run.get("verb") not in VERBS:
@@ -183,7 +197,14 @@ def _selection(spec) -> dict[str, Any]:
 
 
 def lr_grid(spec, run: dict[str, Any]) -> list[float]:
+    """The grid as the file writes it (without the rates the edge rule adds: see :meth:`Plan.grid`)."""
     return run.get("lr_grid") or _selection(spec)["lr"]
+
+
+def _best(means: pd.Series) -> float:
+    """The rate with the best mean validation accuracy (a stopped run counts as the worst); ties: the smaller."""
+    means = means.fillna(float("-inf"))
+    return float(means.index[means.values == means.max()].min())
 
 
 def _selection_dir(spec, name: str, lr: float, seed: int) -> Path:
@@ -257,10 +278,8 @@ class Plan:
         for run in spec["runs"]:
             name = run["name"]
             if selects(spec, run):
-                sel = _selection(spec)
-                for lr in lr_grid(spec, run):
-                    for s in sel["seeds"]:
-                        self._add(Task(name, "select", s, _selection_dir(spec, name, lr, s), lr))
+                for lr in self.grid(name)[0]:
+                    self._add_select(name, lr)
             kind = "export" if run["verb"] in ARTIFACTS else "final"
             for s in run.get("seeds", spec["seeds"]):
                 self._add(Task(name, kind, s, _run_dir(spec, name, s)))
@@ -277,6 +296,75 @@ class Plan:
     def _add(self, task: Task) -> None:
         self.tasks[task.key] = task
 
+    def _add_select(self, name: str, lr: float) -> list[Task]:
+        new = []
+        for s in _selection(self.spec)["seeds"]:
+            t = Task(name, "select", s, _selection_dir(self.spec, name, lr, s), lr)
+            if t.key not in self.tasks:
+                self._add(t)
+                new.append(t)
+        return new
+
+    def val_row(self, name: str, lr: float, seed: int) -> dict[str, Any] | None:
+        """The validation result of ``name`` at ``lr`` and selection seed ``seed``: from its run directory
+        (a summary, or ``stopped.json`` for a run that stopped non-finite), else the committed results."""
+        sel = _selection(self.spec)
+        d = _selection_dir(self.spec, name, lr, seed)
+        head = {"name": name, "lr": lr, "seed": seed, "val_fraction": sel["val_fraction"], "val_seed": sel["val_seed"]}
+        if (d / runs.SUMMARY).is_file():
+            m = json.loads((d / runs.SUMMARY).read_text())
+            return {**head, **{k: m[k] for k in m if k.startswith("val_") and k not in ("val_fraction", "val_seed")}}
+        if (d / STOPPED).is_file():
+            return {**head, "val_acc": float("nan"), "stopped": json.loads((d / STOPPED).read_text())["stopped"]}
+        row = self.recorded(Task(name, "select", seed, d, lr))
+        if row is None:
+            return None
+        return {k: v for k, v in row.items() if k not in ("_kind", "chosen", "grid", "extended")}
+
+    def grid(self, name: str) -> tuple[list[float], str]:
+        """``name``'s grid with the rates the edge rule has added so far, and where its best rate lies:
+        ``interior``, ``cap`` (at an edge after ``select.extend`` additions on that side), ``edge`` (a grid
+        that cannot grow) or ``pending`` (validation runs still to come)."""
+        base = sorted(lr_grid(self.spec, self.runs[name]))
+        sel = _selection(self.spec)
+        cap = int(sel["extend"]) if len(base) > 1 else 0
+        grid, up, down = list(base), 0, 0
+        while True:
+            rows = [self.val_row(name, lr, s) for lr in grid for s in sel["seeds"]]
+            if any(r is None for r in rows):
+                return grid, "pending"
+            best = _best(pd.DataFrame(rows).groupby("lr")["val_acc"].mean())
+            if len(grid) > 1 and grid[0] < best < grid[-1]:
+                return grid, "interior"
+            if best == grid[-1] and up < cap:
+                grid.append(float(f"{grid[-1] * base[-1] / base[-2]:.12g}"))
+                up += 1
+            elif best == grid[0] and down < cap:
+                grid.insert(0, float(f"{grid[0] * base[0] / base[1]:.12g}"))
+                down += 1
+            else:
+                return grid, "cap" if cap else "edge"
+
+    def extend(self, name: str) -> list[Task]:
+        """The validation tasks the edge rule adds to ``name``'s grid now that more of its results are in;
+        every final run whose rate comes from ``name`` waits for them."""
+        if not selects(self.spec, self.runs[name]):
+            return []
+        new = [t for lr in self.grid(name)[0] for t in self._add_select(name, lr)]
+        for t in new:  # a student's validation runs read its teacher, as its first ones do
+            for ref in references(self.runs[name]):
+                t.deps |= self.finals(ref)
+        if new:
+            keys = {t.key for t in new}
+            for t in self.tasks.values():
+                if t.kind == "final" and self.rate_source(t.name) == name:
+                    t.deps |= keys
+        return new
+
+    def rate_source(self, name: str) -> str:
+        run = self.runs[name]
+        return self.rate_source(run["lr_from"]) if "lr_from" in run else name
+
     def finals(self, name: str) -> set:
         return {k for k, t in self.tasks.items() if t.name == name and t.kind in ("final", "export")}
 
@@ -290,14 +378,17 @@ class Plan:
         table = selection_frame(self.spec, [run], ledger_of=self)
         if table.empty:
             return None
-        means = table.groupby("lr")["val_acc"].mean()
-        return float(means.index[means.values == means.max()].min())
+        return _best(table.groupby("lr")["val_acc"].mean())
 
     def recorded(self, task: Task) -> dict[str, Any] | None:
         """``task``'s row in the committed results when its directory holds no run and the row
         matches what this sweep asks (see the module's docstring); else None."""
         if task.kind == "export" or task.out.exists():
             return None
+        return self._committed(task)
+
+    def _committed(self, task: Task) -> dict[str, Any] | None:
+        """``task``'s row in the committed results when it matches what this sweep asks; else None."""
         row = self.ledger.get(task.out)
         if row is None or row["_kind"] != task.kind:
             return None
@@ -305,13 +396,32 @@ class Plan:
             sel = _selection(self.spec)
             want = {"lr": task.lr, "val_fraction": sel["val_fraction"], "val_seed": sel["val_seed"]}
         else:
-            cfg = self.config(task)
             run = self.runs[task.name]
+            if not all(self._holds(ref, task.seed) for ref in references(run)):
+                return None  # it read a run that has to run again (a teacher whose chosen rate moved)
+            cfg = self.config(task)
             want = {"verb": run["verb"], "model": cfg.model, "preprocess": cfg.preprocess, "epochs": cfg.epochs,
                     "lr": cfg.lr, **({"method": cfg.method} if run["verb"] == "train-teacher" else {}),
                     **({"c_lr_scale": cfg.c_lr_scale} if cfg.c_lr_scale != 1 else {}),
                     **({"optimizer": cfg.optimizer} if cfg.optimizer != "sgd" else {})}
         return row if all(_same(row.get(k), v) for k, v in want.items()) else None
+
+    def _holds(self, name: str, seed: int) -> bool:
+        """Whether run ``name``'s directory for ``seed`` (every seed when it has no such seed) is finished or
+        in the committed results as this sweep asks for it now."""
+        tasks = [t for t in self.tasks.values() if t.name == name and t.kind != "select"]
+        tasks = [t for t in tasks if t.seed == seed] or tasks
+        verb = self.runs[name]["verb"]
+        for t in tasks:
+            if t.kind == "export":
+                if not all(self._holds(ref, t.seed) for ref in references(self.runs[name])):
+                    return False
+            elif t.out in self.ledger:  # the committed rows of its readers were made from this one
+                if self._committed(t) is None:
+                    return False  # made with other values than this sweep asks now
+            elif not _finished(t, verb) and self.runs[name].get("table", True) is not False:
+                return False  # neither here nor committed (a run out of the table cannot be checked: it holds)
+        return True
 
     def must_run(self, task: Task) -> bool:
         """Whether ``task`` has to train or write now: it is not finished, and it is neither in the
@@ -351,6 +461,8 @@ class Plan:
 
 
 def _finished(task: Task, verb: str) -> bool:
+    if task.kind == "select" and (task.out / STOPPED).is_file():
+        return True  # its result is that it stopped
     return (task.out / ARTIFACTS.get(verb, runs.SUMMARY)).is_file()
 
 
@@ -435,6 +547,13 @@ def run_sweep(path: str | Path, log: Callable[[str], None] | None = print, jobs:
     waiting = list(plan.tasks.values())  # file order: runs, then seeds
     running: dict[cf.Future, tuple[Task, float]] = {}
     inline = _Inline()
+
+    def grow(task: Task) -> None:  # a validation result is in: the edge rule may add rates to its grid
+        if task.kind == "select":
+            for t in plan.extend(task.name):
+                log(f"[sweep] {t.name}: the best rate so far is at the edge of its grid; adding lr {t.lr:g} (validation)")
+                waiting.insert(0, t)
+
     if jobs == 1:
         pool = inline
     else:
@@ -463,6 +582,7 @@ def run_sweep(path: str | Path, log: Callable[[str], None] | None = print, jobs:
                 job = _job(plan, task, log)
                 if job is None:
                     done.add(task.key)
+                    grow(task)
                     continue
                 log(f"[sweep] {task.label()}{' resumed' if job.get('resume') else ''}{' (alone)' if alone else ''} ...")
                 t0 = time.perf_counter()
@@ -477,14 +597,25 @@ def run_sweep(path: str | Path, log: Callable[[str], None] | None = print, jobs:
                 task, t0 = running.pop(f)
                 try:
                     summary = f.result()
+                except NonFiniteError as e:
+                    if task.kind != "select":
+                        failed[task.key] = f"{type(e).__name__}: {e}"
+                        log(f"[sweep] {task.label()}: FAILED ({failed[task.key]})")
+                        continue
+                    # a rate at which training stops is a result of the selection: the worst one
+                    (task.out / STOPPED).write_text(json.dumps({"stopped": str(e), "lr": task.lr}, indent=1) + "\n")
+                    summary = {}
+                    log(f"[sweep] {task.label()}: stopped, not finite (counts as the worst rate)")
                 except Exception as e:  # one failed run does not stop the others
                     failed[task.key] = f"{type(e).__name__}: {e}"
                     log(f"[sweep] {task.label()}: FAILED ({failed[task.key]})")
                     continue
                 done.add(task.key)
+                grow(task)
                 ev = summary.get("evaluated_on")
-                score = f"{ev} acc {summary[ev + '_acc']:.4f} " if ev else "written "
-                log(f"[sweep] {task.label()}: {score}({time.perf_counter() - t0:.0f}s)")
+                score = f"{ev} acc {summary[ev + '_acc']:.4f} " if ev else ("written " if task.kind == "export" else "")
+                if summary or task.kind == "export":
+                    log(f"[sweep] {task.label()}: {score}({time.perf_counter() - t0:.0f}s)")
                 if task.kind != "export":  # the results grow run by run: commit them as they come
                     write_results(spec, collect(spec, plan), selection_frame(spec, spec["runs"], plan),
                                   time.perf_counter() - started, path)
@@ -527,23 +658,20 @@ def selection_frame(spec, run_list: list[dict[str, Any]], plan: Plan | None = No
     A run whose directory is gone comes from the committed results of ``ledger_of`` (or ``plan``)."""
     rows = []
     sel = _selection(spec)
-    book = ledger_of or plan
+    book = ledger_of or plan or Plan(spec)
     for run in run_list:
         if not selects(spec, run):
             continue
-        for lr in lr_grid(spec, run):
+        grid, where = book.grid(run["name"])
+        base = lr_grid(spec, run)
+        for lr in grid:
             for s in sel["seeds"]:
-                d = _selection_dir(spec, run["name"], lr, s)
-                p = d / runs.SUMMARY
-                if p.is_file():
-                    m = json.loads(p.read_text())
-                    rows.append({"name": run["name"], "lr": lr, "seed": s, "val_fraction": sel["val_fraction"],
-                                 "val_seed": sel["val_seed"], **{k: m[k] for k in m if k.startswith("val_") and k not in ("val_fraction", "val_seed")}})
-                elif book is not None and (row := book.recorded(Task(run["name"], "select", s, d, lr))) is not None:
-                    rows.append({k: v for k, v in row.items() if k not in ("_kind", "chosen")})
+                if (row := book.val_row(run["name"], lr, s)) is not None:
+                    rows.append({**row, "extended": not any(_same(lr, b) for b in base), "grid": where})
     df = pd.DataFrame(rows)
     if plan is not None and not df.empty:
-        df["chosen"] = [plan.chosen_lr(n) == lr for n, lr in zip(df["name"], df["lr"])]
+        chosen = {n: plan.chosen_lr(n) for n in df["name"].unique()}
+        df["chosen"] = [chosen[n] == lr for n, lr in zip(df["name"], df["lr"])]
     return df
 
 
@@ -556,12 +684,14 @@ def collect(spec, plan: Plan | None = None) -> pd.DataFrame:
         if run["verb"] in ARTIFACTS or run.get("table", True) is False:
             continue
         how = ("validation" if selects(spec, run) else f"as {run['lr_from']}" if "lr_from" in run else "fixed")
+        src = plan.rate_source(run["name"])
+        where = plan.grid(src)[1] if selects(spec, plan.runs[src]) else ""
         for seed in run.get("seeds", spec["seeds"]):
             p = _run_dir(spec, run["name"], seed) / runs.SUMMARY
             if not p.is_file():
                 row = plan.recorded(Task(run["name"], "final", seed, p.parent))
                 if row is not None:  # committed earlier, its directory gone: the committed row stands
-                    rows.append({k: v for k, v in row.items() if k != "_kind"})
+                    rows.append({**{k: v for k, v in row.items() if k != "_kind"}, "grid": where})
                 continue
             s = json.loads(p.read_text())
             cfg = yaml.safe_load((p.parent / runs.CONFIG).read_text()) or {}
@@ -571,7 +701,7 @@ def collect(spec, plan: Plan | None = None) -> pd.DataFrame:
             val = sel[(sel["name"] == source) & (sel["lr"] == cfg.get("lr"))] if not sel.empty else sel
             rows.append({"name": run["name"], "verb": run["verb"], "method": s.get("method"),
                          "teacher": s.get("teacher"), "model": s["model"], "preprocess": s.get("preprocess", "matched"),
-                         "seed": seed, "lr": cfg.get("lr"), "lr_chosen_by": how,
+                         "seed": seed, "lr": cfg.get("lr"), "lr_chosen_by": how, "grid": where,
                          "val_acc_at_lr": float(val["val_acc"].mean()) if len(val) else float("nan"),
                          "test_acc": s["test_acc"], "test_nll": s["test_nll"], "test_ece": s["test_ece"],
                          "test_aece": s.get("test_aece", float("nan")), "c_row_entropy_bits": entropy,
@@ -612,17 +742,29 @@ def summary_table(df) -> str:
 
 
 def selection_table(sel: pd.DataFrame) -> str:
-    """Validation accuracy (%) per run and grid value (mean over selection seeds); the chosen rate in bold."""
+    """Validation accuracy (%) per run and grid value (mean over selection seeds); the chosen rate in bold,
+    rates the edge rule added in italics, a rate whose run stopped non-finite as "stopped"; the last
+    column says where the chosen rate lies in its grid."""
     if sel.empty:
         return ""
     grid = sorted(sel["lr"].unique())
-    lines = ["| run | " + " | ".join(f"lr {v:g}" for v in grid) + " |", "|---|" + "---|" * len(grid)]
+    has_grid = "grid" in sel.columns
+    lines = ["| run | " + " | ".join(f"lr {v:g}" for v in grid) + (" | chosen rate |" if has_grid else " |"),
+             "|---|" + "---|" * (len(grid) + has_grid)]
     for name, g in sel.groupby("name", sort=False):
         means = g.groupby("lr")["val_acc"].mean()
         chosen = set(g.loc[g["chosen"], "lr"]) if "chosen" in g else set()
-        cells = [(f"**{means[v] * 100:.2f}**" if v in chosen else f"{means[v] * 100:.2f}") if v in means else ""
-                 for v in grid]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        added = set(g.loc[g["extended"].astype(bool), "lr"]) if "extended" in g else set()
+
+        def cell(v):
+            if v not in means:
+                return ""
+            text = "stopped" if pd.isna(means[v]) else f"{means[v] * 100:.2f}"
+            text = f"*{text}*" if v in added else text
+            return f"**{text}**" if v in chosen else text
+        where = {"interior": "inside the grid", "cap": "at an edge, cap reached", "edge": "at an edge",
+                 "pending": "runs to come"}.get(str(g["grid"].iloc[0]), "") if has_grid else None
+        lines.append(f"| {name} | " + " | ".join(cell(v) for v in grid) + (f" | {where} |" if has_grid else " |"))
     return "\n".join(lines)
 
 
@@ -638,6 +780,7 @@ def write_results(spec, df, sel: pd.DataFrame, seconds: float, path) -> None:
         sel.to_csv(prefix.with_name(prefix.name + "_selection.csv"), index=False)
         text += (f"\nValidation accuracy (%) by learning rate, each run trained on the training set minus a stratified "
                  f"{s['val_fraction']:g} share (split seed {s['val_seed']}; run seeds {', '.join(map(str, s['seeds']))}) "
-                 f"and evaluated on that share; the chosen rate in bold (ties: the smaller):\n\n"
+                 f"and evaluated on that share; the chosen rate in bold (ties: the smaller); rates added by the edge rule "
+                 f"(up to {s['extend']} a side) in italics:\n\n"
                  + selection_table(sel) + "\n")
     prefix.with_suffix(".md").write_text(text)
