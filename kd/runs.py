@@ -82,7 +82,7 @@ def start_run(out: str | Path, config: dict[str, Any]) -> Path:
     return run_dir
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -106,18 +106,18 @@ def save_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadat
 
 
 def write_config(run_dir: Path, config: dict[str, Any]) -> None:
-    _atomic_write(run_dir / CONFIG, yaml.safe_dump(config, sort_keys=False))
+    atomic_write(run_dir / CONFIG, yaml.safe_dump(config, sort_keys=False))
 
 
 def write_metrics(run_dir: Path, rows: list[dict[str, Any]]) -> None:
     """Rewrite metrics.csv with one row per finished epoch (extra loss-term columns follow)."""
     df = pd.DataFrame(rows)
     cols = [c for c in METRIC_COLUMNS if c in df.columns] + [c for c in df.columns if c not in METRIC_COLUMNS]
-    _atomic_write(run_dir / METRICS, df[cols].to_csv(index=False))
+    atomic_write(run_dir / METRICS, df[cols].to_csv(index=False))
 
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
-    _atomic_write(run_dir / SUMMARY, json.dumps(summary, indent=2) + "\n")
+    atomic_write(run_dir / SUMMARY, json.dumps(summary, indent=2) + "\n")
 
 
 def save_weights(path: Path, module: torch.nn.Module) -> None:

@@ -581,3 +581,42 @@ runs:
     assert sorted((n, lr) for n, lr, _ in calls) == [("student", 0.1), ("teacher", 0.4), ("teacher", 0.4),
                                                      ("teacher", 0.8)]
     assert df.loc["teacher", "lr"] == 0.4 and df.loc["alone", "lr"] == 0.1
+
+
+def test_a_calibrating_sweep_scales_its_final_runs_and_retrains_committed_rows_without_it(tmp_path):
+    """calibrate: true temperature-scales each final run (calibration.json, the CSV's *_ts columns); a committed
+    row made without calibration is trained again on a fresh clone, one made with it is kept."""
+    import shutil
+
+    from kd.app.sweep import run_sweep
+
+    sweeps = tmp_path / "sweeps"
+    sweeps.mkdir()
+    body = (f"runs_dir: {tmp_path}/runs\nresults: {tmp_path}/results/c\nseeds: [0]\nCAL\n"
+            "base: {dataset: digits, model: mlp, epochs: 2, device: cpu, lr: 0.1}\n"
+            "runs:\n  - {name: ls, verb: train-teacher, method: ls}\n")
+    f = sweeps / "s.yaml"
+    f.write_text(body.replace("CAL", ""))
+    df = run_sweep(f, log=None)
+    assert "test_ece_ts" not in df.columns and not (tmp_path / "runs" / "ls" / "seed0" / "calibration.json").exists()
+    f.write_text(body.replace("CAL", "calibrate: true"))
+    seen: list = []
+    weights = tmp_path / "runs" / "ls" / "seed0" / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    df = run_sweep(f, log=seen.append)                       # the run is here: it is calibrated, not retrained
+    assert weights.stat().st_mtime_ns == before and any("calibrated, T" in line for line in seen)
+    cal = json.loads((tmp_path / "runs" / "ls" / "seed0" / "calibration.json").read_text())
+    assert cal["fitted_on"] == "test halves" and df["temperature"].iloc[0] == pytest.approx(cal["temperature"])
+    assert df["test_ece"].iloc[0] == pytest.approx(cal["test_ece"])  # the raw numbers are the summary's
+    assert "ECE after TS (%)" in (tmp_path / "results" / "c.md").read_text()
+    shutil.rmtree(tmp_path / "runs")
+    seen.clear()
+    run_sweep(f, log=seen.append)                            # committed with calibration: kept
+    assert not any(line.endswith(" ...") for line in seen)
+    # the uncalibrated CSV of before: its row is trained again
+    rows = pd.read_csv(tmp_path / "results" / "c.csv").drop(columns=["temperature", "test_nll_ts", "test_ece_ts",
+                                                                      "test_aece_ts"])
+    rows.to_csv(tmp_path / "results" / "c.csv", index=False)
+    seen.clear()
+    df = run_sweep(f, log=seen.append)
+    assert any(line.endswith("ls seed 0 ...") for line in seen) and df["test_ece_ts"].notna().all()

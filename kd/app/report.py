@@ -69,6 +69,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from kd import runs
+from kd.calibration import read_calibration, scaled
 from kd.config import TrainConfig
 from kd.data import load_dataset_of_run
 from kd.engine import make_loader, resolve_device
@@ -562,53 +563,79 @@ def fig_features(rep: Report, srcs: list[Source], outs: dict[str, dict]) -> None
                 "cell values are x100 (the matrix sums to 100).", csvs)
 
 
+def _reliability_panel(ax, logits: torch.Tensor, labels: torch.Tensor, title: str, legend: bool) -> tuple[dict, pd.DataFrame]:
+    """One reliability diagram on ``ax``; its numbers (acc, ECE-15, adaptive ECE-15, NLL) and bins."""
+    logits, labels = logits.float(), labels.long()
+    probs = logits.softmax(1)
+    bins = reliability_bins(probs, labels)
+    m = {"acc": float((logits.argmax(1) == labels).float().mean()), "ece_15": expected_calibration_error(probs, labels, N_BINS),
+         "adaptive_ece_15": adaptive_ece(probs, labels, N_BINS),
+         "nll": float(torch.nn.functional.cross_entropy(logits, labels))}
+    width = 1.0 / N_BINS
+    centres = (bins["bin_lo"] + bins["bin_hi"]).to_numpy() / 2
+    accs = bins["accuracy"].fillna(0).to_numpy()
+    confs = bins["mean_confidence"].fillna(0).to_numpy()
+    has = bins["count"].to_numpy() > 0
+    ax.bar(centres[has], accs[has], width=width, color="tab:blue", edgecolor="black", lw=0.5, label="accuracy")
+    ax.bar(centres[has], (confs - accs)[has], bottom=accs[has], width=width, facecolor="none", hatch="////",
+           edgecolor="tab:red", lw=0.6, label="gap to mean confidence")
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_aspect("equal")
+    ax.set_xlabel("confidence (max softmax)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title, fontsize=9)
+    ax.text(0.03, 0.97, f"ECE-15 {m['ece_15']:.2%}\nadaptive ECE-15 {m['adaptive_ece_15']:.2%}\nNLL {m['nll']:.3f}\n"
+            f"acc {m['acc']:.2%}", transform=ax.transAxes, va="top", ha="left", fontsize=8,
+            bbox={"boxstyle": "round", "fc": "white", "ec": "0.6"})
+    if legend:
+        ax.legend(loc="lower right", fontsize=7)
+    return m, bins
+
+
 def fig_reliability(rep: Report, srcs: list[Source], outs: dict[str, dict]) -> None:
+    """Reliability of each run's test outputs; for runs with a calibration.json (`kd calibrate`), a second
+    row of diagrams after temperature scaling, with the temperature(s) the file holds."""
     plt = _plt()
-    n = len(srcs)
-    rows, cols = _grid(n, 4)
+    calib = {s.label: c for s in srcs if (c := read_calibration(s.path)) is not None}
+    panels = [(s, False) for s in srcs] + [(s, True) for s in srcs if s.label in calib]
+    n = len(panels)
+    rows, cols = (2, len(srcs)) if calib and len(srcs) <= 4 else _grid(n, 4)
     fig, axes = plt.subplots(rows, cols, figsize=(cols * 3.9 + 0.2, rows * 4.4 + 0.2), layout="constrained", squeeze=False)
+    flat = list(axes.flat)
+    if calib and len(srcs) <= 4:  # raw in the first row, scaled below its own run
+        order = {s.label: j for j, s in enumerate(srcs)}
+        where = [order[s.label] + (cols if after else 0) for s, after in panels]
+    else:
+        where = list(range(n))
     summary_rows, csvs = [], []
-    for i, ax in enumerate(axes.flat):
-        if i >= n:
-            ax.axis("off")
-            continue
-        s = srcs[i]
+    for (s, after), i in zip(panels, where):
         o = outs[s.label]
-        logits, labels = o["test_logits"].float(), o["test_labels"].long()
-        probs = logits.softmax(1)
-        bins = reliability_bins(probs, labels)
-        ece = expected_calibration_error(probs, labels, N_BINS)
-        aece = adaptive_ece(probs, labels, N_BINS)
-        nll = float(torch.nn.functional.cross_entropy(logits, labels))
-        acc = float((logits.argmax(1) == labels).float().mean())
+        logits, labels = o["test_logits"], o["test_labels"].long()
+        if after:
+            c = calib[s.label]
+            logits = scaled(logits, labels, c)
+            ts = ", ".join(f"{t:.3f}" for t in c["temperatures"])
+            title = f"{s.label}: after temperature scaling\n(T {ts}, fitted on {c['fitted_on']})"
+        else:
+            title = f"{s.label} ({s.method}), test set"
+        m, bins = _reliability_panel(flat[i], logits, labels, title, legend=i == 0)
         bins.insert(0, "run", s.label)
-        csvs.append(rep.csv(f"reliability_{_slug(s.label)}.csv", bins))
-        summary_rows.append({"run": s.label, "path": str(s.path), "n_test": len(labels), "acc": acc,
-                             "ece_15": ece, "adaptive_ece_15": aece, "nll": nll,
-                             "summary_test_ece": s.summary.get("test_ece")})
-        width = 1.0 / N_BINS
-        centres = (bins["bin_lo"] + bins["bin_hi"]).to_numpy() / 2
-        accs = bins["accuracy"].fillna(0).to_numpy()
-        confs = bins["mean_confidence"].fillna(0).to_numpy()
-        has = bins["count"].to_numpy() > 0
-        ax.bar(centres[has], accs[has], width=width, color="tab:blue", edgecolor="black", lw=0.5, label="accuracy")
-        ax.bar(centres[has], (confs - accs)[has], bottom=accs[has], width=width, facecolor="none", hatch="////",
-               edgecolor="tab:red", lw=0.6, label="gap to mean confidence")
-        ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1)
-        ax.set_aspect("equal")
-        ax.set_xlabel("confidence (max softmax)")
-        ax.set_ylabel("accuracy")
-        ax.set_title(f"{s.label} ({s.method}), test set")
-        ax.text(0.03, 0.97, f"ECE-15 {ece:.2%}\nadaptive ECE-15 {aece:.2%}\nNLL {nll:.3f}\nacc {acc:.2%}",
-                transform=ax.transAxes, va="top", ha="left", fontsize=8,
-                bbox={"boxstyle": "round", "fc": "white", "ec": "0.6"})
-        if i == 0:
-            ax.legend(loc="lower right", fontsize=7)
-    fig.suptitle("Reliability diagrams, 15 equal-width confidence bins")
+        bins.insert(1, "scaled", after)
+        csvs.append(rep.csv(f"reliability_{_slug(s.label)}{'_ts' if after else ''}.csv", bins))
+        summary_rows.append({"run": s.label, "path": str(s.path), "temperature_scaled": after,
+                             "temperatures": ", ".join(f"{t:.4f}" for t in calib[s.label]["temperatures"]) if after else "",
+                             "n_test": len(labels), **m, "summary_test_ece": s.summary.get("test_ece")})
+    for j, ax in enumerate(flat):
+        if j not in where:
+            ax.axis("off")
+    fig.suptitle("Reliability diagrams, 15 equal-width confidence bins" +
+                 (" (below: after temperature scaling)" if calib and len(srcs) <= 4 else ""))
     csvs.insert(0, rep.csv("calibration.csv", pd.DataFrame(summary_rows)))
-    what = f"reliability diagram with ECE-15 (equal-width bins), adaptive ECE-15 (equal-mass bins) and NLL, test set, from {_runs_line(srcs)}"
+    what = (f"reliability diagram with ECE-15 (equal-width bins), adaptive ECE-15 (equal-mass bins) and NLL, test set, "
+            f"from {_runs_line(srcs)}" + (f"; for {', '.join(calib)} also after temperature scaling with the "
+                                          f"temperature `kd calibrate` wrote (calibration.json)" if calib else ""))
     _save(fig, rep.out / "reliability.png", rep.manifest, "reliability diagram", what)
     rep.section("4. Reliability", "reliability.png", what[0].upper() + what[1:] + ".", csvs)
 

@@ -32,6 +32,10 @@ CSVs' ``grid`` column says for each run whether its rate is ``interior``, at an 
 A validation run whose loss stops being finite counts as the worst result (``stopped.json`` in its
 directory says why; ``stopped`` in the CSV); the other runs go on.
 
+With ``calibrate: true`` every final run is also temperature-scaled when it finishes (``kd calibrate``:
+``calibration.json``), and the CSV gains ``temperature`` and the test set's NLL, ECE and adaptive ECE after
+scaling (``test_nll_ts``, ``test_ece_ts``, ``test_aece_ts``); a committed row without them is trained again.
+
 A run whose ``summary.json`` exists is skipped (after checking that its config.yaml holds
 the values this file asks for, so two sweep files can share runs), so an interrupted sweep
 resumes where it stopped. The results are rewritten after every finished run, so that they can
@@ -65,6 +69,7 @@ import yaml
 
 import teachers
 from kd import runs
+from kd.calibration import CALIBRATION, read_calibration
 from kd.config import TrainConfig, load_yaml_config
 from kd.errors import KDError, NonFiniteError
 from kd.metrics import row_entropy_bits
@@ -98,6 +103,9 @@ def load_sweep(path: str | Path) -> dict[str, Any]:
             raise KDError(f"{path}: missing key '{key}' (a sweep needs runs_dir, results, seeds, base and runs)")
     spec.setdefault("seeds", [0])
     spec.setdefault("base", {})
+    spec.setdefault("calibrate", False)
+    if not isinstance(spec["calibrate"], bool):
+        raise KDError(f"{path}: calibrate is true or false (temperature-scale every final run), got {spec['calibrate']!r}")
     if "select" in spec:
         sel = spec["select"]
         if not isinstance(sel, dict) or "lr" not in sel:
@@ -404,6 +412,8 @@ class Plan:
                     "lr": cfg.lr, **({"method": cfg.method} if run["verb"] == "train-teacher" else {}),
                     **({"c_lr_scale": cfg.c_lr_scale} if cfg.c_lr_scale != 1 else {}),
                     **({"optimizer": cfg.optimizer} if cfg.optimizer != "sgd" else {})}
+            if self.spec["calibrate"] and pd.isna(row.get("test_ece_ts", float("nan"))):
+                return None  # made before the sweep asked for calibration: its network is needed again
         return row if all(_same(row.get(k), v) for k, v in want.items()) else None
 
     def _holds(self, name: str, seed: int) -> bool:
@@ -496,7 +506,10 @@ def _move_aside_if_interrupted(task: Task, log) -> bool:
 def execute(job: dict[str, Any]) -> dict[str, Any]:
     """Run one task described by plain values (so that a worker process can take it); returns its summary."""
     from kd.app.jobs import cache_job, distill_job, export_proxy_job, train_teacher_job
+    from kd.calibration import calibrate_run
 
+    if job["verb"] == "calibrate":
+        return calibrate_run(job["out"], data_root=job["data_root"], device=job["device"])
     if job["verb"] in ARTIFACTS:
         out = Path(job["out"])
         out.mkdir(parents=True, exist_ok=True)
@@ -507,7 +520,10 @@ def execute(job: dict[str, Any]) -> dict[str, Any]:
         return {}
     fn = train_teacher_job if job["verb"] == "train-teacher" else distill_job
     cfg = TrainConfig.from_dict(job["config"], option_names=teachers.option_names())
-    return fn(cfg, job["out"], progress=False, log=None, resume=job["resume"]).summary
+    summary = fn(cfg, job["out"], progress=False, log=None, resume=job["resume"]).summary
+    if job.get("calibrate"):
+        calibrate_run(job["out"], data_root=cfg.data_root, device=cfg.device)
+    return summary
 
 
 def _init_worker(threads: int) -> None:
@@ -613,7 +629,8 @@ def run_sweep(path: str | Path, log: Callable[[str], None] | None = print, jobs:
                 done.add(task.key)
                 grow(task)
                 ev = summary.get("evaluated_on")
-                score = f"{ev} acc {summary[ev + '_acc']:.4f} " if ev else ("written " if task.kind == "export" else "")
+                score = (f"{ev} acc {summary[ev + '_acc']:.4f} " if ev else "written " if task.kind == "export" else
+                         f"calibrated, T {summary['temperature']:.3f} " if "fitted_on" in summary else "")
                 if summary or task.kind == "export":
                     log(f"[sweep] {task.label()}: {score}({time.perf_counter() - t0:.0f}s)")
                 if task.kind != "export":  # the results grow run by run: commit them as they come
@@ -642,6 +659,9 @@ def _job(plan: Plan, task: Task, log) -> dict[str, Any] | None:
     asked = plan.asked(task)
     if _finished(task, run["verb"]):
         _check_same_config(task, asked)
+        if task.kind == "final" and plan.spec["calibrate"] and not (task.out / CALIBRATION).is_file():
+            return {"verb": "calibrate", "out": str(task.out), "device": plan.spec["base"].get("device", "auto"),
+                    "data_root": plan.spec["base"].get("data_root")}
         return None
     if not plan.must_run(task):
         log(f"[sweep] {task.label()}: in the committed results, or read only by runs that are; not run again")
@@ -649,7 +669,8 @@ def _job(plan: Plan, task: Task, log) -> dict[str, Any] | None:
     resume = _move_aside_if_interrupted(task, log)
     if resume:
         _check_same_config(task, asked)
-    return {"verb": run["verb"], "config": plan.config(task).to_dict(), "out": str(task.out), "resume": resume}
+    return {"verb": run["verb"], "config": plan.config(task).to_dict(), "out": str(task.out), "resume": resume,
+            "calibrate": task.kind == "final" and plan.spec["calibrate"]}
 
 
 def selection_frame(spec, run_list: list[dict[str, Any]], plan: Plan | None = None,
@@ -697,6 +718,7 @@ def collect(spec, plan: Plan | None = None) -> pd.DataFrame:
             cfg = yaml.safe_load((p.parent / runs.CONFIG).read_text()) or {}
             c_path = p.parent / runs.C_MATRIX
             entropy = float(row_entropy_bits(runs.load_c_matrix(c_path)[0]).mean()) if c_path.is_file() else float("nan")
+            cal = read_calibration(p.parent) or {}
             source = run.get("lr_from", run["name"])
             val = sel[(sel["name"] == source) & (sel["lr"] == cfg.get("lr"))] if not sel.empty else sel
             rows.append({"name": run["name"], "verb": run["verb"], "method": s.get("method"),
@@ -704,7 +726,10 @@ def collect(spec, plan: Plan | None = None) -> pd.DataFrame:
                          "seed": seed, "lr": cfg.get("lr"), "lr_chosen_by": how, "grid": where,
                          "val_acc_at_lr": float(val["val_acc"].mean()) if len(val) else float("nan"),
                          "test_acc": s["test_acc"], "test_nll": s["test_nll"], "test_ece": s["test_ece"],
-                         "test_aece": s.get("test_aece", float("nan")), "c_row_entropy_bits": entropy,
+                         "test_aece": s.get("test_aece", float("nan")),
+                         **({k: cal.get(k, float("nan")) for k in ("temperature", "test_nll_ts", "test_ece_ts", "test_aece_ts")}
+                            if spec["calibrate"] or cal else {}),
+                         "c_row_entropy_bits": entropy,
                          "c_row_max": s.get("c_row_max", float("nan")), "train_acc": s.get("train_acc", float("nan")),
                          "optimizer": cfg.get("optimizer"), "c_lr_scale": cfg.get("c_lr_scale", 1.0),
                          "epochs": s["epochs"],
@@ -715,15 +740,19 @@ def collect(spec, plan: Plan | None = None) -> pd.DataFrame:
 
 def summary_table(df) -> str:
     """mean +- std over seeds (accuracy and ECE in percent, as the paper reports them); the learning
-    rate, adaptive ECE, C row entropy and training time columns appear when the results have them
+    rate, adaptive ECE, temperature-scaled (TS) NLL and ECEs, C row entropy and training time columns
+    appear when the results have them
     (training time only for runs trained alone on the machine, ``exclusive: true``)."""
     has_lr = "lr" in df.columns
     has_aece = "test_aece" in df.columns and df["test_aece"].notna().any()
+    has_ts = "test_ece_ts" in df.columns and df["test_ece_ts"].notna().any()
     has_c = "c_row_entropy_bits" in df.columns and df["c_row_entropy_bits"].notna().any()
     has_max = "c_row_max" in df.columns and df["c_row_max"].notna().any()
     has_time = "timed_alone" in df.columns and df["timed_alone"].any()
     head = ["run", "model"] + (["lr"] if has_lr else []) + ["seeds", "test acc (%)", "NLL", "ECE (%)"] + \
-        (["adaptive ECE (%)"] if has_aece else []) + (["C row entropy (bits)"] if has_c else []) + \
+        (["adaptive ECE (%)"] if has_aece else []) + \
+        (["T", "NLL after TS", "ECE after TS (%)", "adaptive ECE after TS (%)"] if has_ts else []) + \
+        (["C row entropy (bits)"] if has_c else []) + \
         (["C row max"] if has_max else []) + \
         (["training time (s)"] if has_time else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -734,6 +763,8 @@ def summary_table(df) -> str:
         cells = [name, g["model"].iloc[0]] + ([", ".join(f"{v:g}" for v in sorted(g["lr"].unique()))] if has_lr else []) + \
             [str(len(g)), ms("test_acc", 100), ms("test_nll", 1, ".3f"), ms("test_ece", 100)] + \
             ([ms("test_aece", 100)] if has_aece else []) + \
+            ([ms("temperature", 1, ".3f"), ms("test_nll_ts", 1, ".3f"), ms("test_ece_ts", 100), ms("test_aece_ts", 100)]
+             if has_ts and g["test_ece_ts"].notna().all() else ["", "", "", ""] if has_ts else []) + \
             ([ms("c_row_entropy_bits") if g["c_row_entropy_bits"].notna().all() else ""] if has_c else []) + \
             ([ms("c_row_max", 1, ".3f") if g["c_row_max"].notna().all() else ""] if has_max else []) + \
             ([ms("train_seconds", 1, ".0f") if g["timed_alone"].all() else ""] if has_time else [])

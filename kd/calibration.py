@@ -1,0 +1,155 @@
+"""Temperature scaling (Guo et al., 2017): one scalar T > 0 divides a network's logits, fitted by the
+negative log-likelihood on data the network never trained on. It leaves every prediction (and so the
+accuracy) as it is and changes only the confidence, which is the fair way to compare the calibration of
+networks trained with different targets: smoothed targets make a network under-confident by design
+(Mueller et al., 2019), and one scalar undoes a uniform over- or under-confidence.
+
+Which held-out data fits T:
+
+- a run trained on a validation split (``val_fraction`` > 0): its validation share, and the whole test set
+  is scaled and measured;
+- a run trained on the whole training set (the study's final runs): no training data is left over, so the
+  test set is cut into two stratified, seeded halves; T fitted on each half scales the other, and the
+  calibrated metrics are measured over the whole test set. No test sample is scaled by a temperature
+  fitted on itself, and the calibrated numbers stand on the same samples as the raw ones.
+
+``kd calibrate RUN`` writes ``RUN/calibration.json`` (a new file; nothing of the run is changed): where T
+was fitted, ``temperatures`` (one, or the two halves' [fitted on A, fitted on B]; ``temperature`` is then
+their geometric mean, for reading only), and the test set's metrics before (``test_nll``, ``test_ece``,
+``test_aece``, equal to the run's summary) and after scaling (``*_ts``).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from kd import runs
+from kd.errors import KDError
+from kd.metrics import classification_metrics
+
+CALIBRATION = "calibration.json"
+#: the range T is searched in; a T at either end says the held-out data pushed it as far as it goes
+T_RANGE = (1e-3, 1e3)
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """argmin over T of the mean NLL of softmax(logits / T) at ``labels``.
+
+    The NLL is convex in b = 1/T (a log-sum-exp of b z minus the linear b z_y), so its derivative in b,
+    mean(E_softmax(b z)[z] - z_y), rises with b and its root is the minimum: found by bisection on log b
+    in float64 (to 1e-12 relative), inside ``T_RANGE``.
+    """
+    z = logits.detach().double().cpu()
+    y = labels.detach().long().cpu()
+    if z.ndim != 2 or z.shape[0] != y.shape[0] or z.shape[0] == 0:
+        raise KDError(f"temperature scaling needs N x K logits and N labels, got {tuple(z.shape)} and {tuple(y.shape)}")
+    zy = z.gather(1, y[:, None]).squeeze(1)
+
+    def slope(log_b: float) -> float:
+        p = (z * math.exp(log_b)).softmax(1)
+        return float(((p * z).sum(1) - zy).mean())
+
+    lo, hi = -math.log(T_RANGE[1]), -math.log(T_RANGE[0])  # log b for the largest and smallest T
+    if slope(lo) >= 0:
+        return T_RANGE[1]
+    if slope(hi) <= 0:
+        return T_RANGE[0]
+    while hi - lo > 1e-12:
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if slope(mid) < 0 else (lo, mid)
+    return math.exp(-(lo + hi) / 2)
+
+
+def halves(labels: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """A stratified, seeded cut of the samples into two halves: a bool mask, True for half A."""
+    y = labels.detach().long().cpu()
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(len(y), dtype=torch.bool)
+    for c in torch.unique(y):
+        idx = torch.nonzero(y == c).squeeze(1)
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        mask[idx[: (len(idx) + 1) // 2]] = True
+    return mask
+
+
+def crossed_temperatures(logits: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, list[float]]:
+    """Per-sample temperatures from two crossed halves (each half scaled by the T fitted on the other),
+    and the two temperatures [T fitted on A, T fitted on B]."""
+    a = halves(labels, seed)
+    t_a, t_b = fit_temperature(logits[a], labels[a]), fit_temperature(logits[~a], labels[~a])
+    per_sample = torch.where(a, torch.tensor(t_b, dtype=torch.float64), torch.tensor(t_a, dtype=torch.float64))
+    return per_sample, [t_a, t_b]
+
+
+def scaled(logits: torch.Tensor, labels: torch.Tensor, calib: dict[str, Any]) -> torch.Tensor:
+    """``logits`` of the run's test set divided by the temperature(s) ``calib`` (a calibration.json) gives them."""
+    if calib["fitted_on"] == "test halves":  # half A is scaled by the T fitted on B, and B by A's
+        t_a, t_b = (torch.tensor(float(t), dtype=torch.float64) for t in calib["temperatures"])
+        return logits.double() / torch.where(halves(labels, int(calib["seed"])), t_b, t_a)[:, None]
+    return logits.double() / float(calib["temperature"])
+
+
+def calibrate_logits(test_logits: torch.Tensor, test_labels: torch.Tensor, fit_logits: torch.Tensor | None = None,
+                     fit_labels: torch.Tensor | None = None, seed: int = 0) -> dict[str, Any]:
+    """Fit and measure: T from ``fit_*`` when given, else from crossed halves of the test set; the test
+    set's accuracy, NLL, ECE-15 and adaptive ECE before (``test_*``) and after (``test_*_ts``) scaling."""
+    raw = classification_metrics(test_logits, test_labels)
+    if fit_logits is not None:
+        t = fit_temperature(fit_logits, fit_labels)
+        after = classification_metrics(test_logits.double() / t, test_labels)
+        out: dict[str, Any] = {"fitted_on": "validation split", "temperature": t, "temperatures": [t],
+                               "fit_samples": int(len(fit_labels))}
+    else:
+        per_sample, ts = crossed_temperatures(test_logits, test_labels, seed)
+        after = classification_metrics(test_logits.double() / per_sample[:, None], test_labels)
+        out = {"fitted_on": "test halves", "temperature": math.sqrt(ts[0] * ts[1]), "temperatures": ts,
+               "fit_samples": int(len(test_labels) // 2), "seed": seed}
+    out.update({"test_samples": int(len(test_labels)), **{f"test_{k}": v for k, v in raw.items()},
+                **{f"test_{k}_ts": v for k, v in after.items() if k != "acc"}})
+    return out
+
+
+def read_calibration(run_dir: str | Path) -> dict[str, Any] | None:
+    p = Path(run_dir) / CALIBRATION
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def calibrate_run(run_dir: str | Path, data_root: str | None = None, device: str = "auto", seed: int = 0) -> dict[str, Any]:
+    """Fit a finished run's temperature and write ``RUN/calibration.json``; a run already calibrated keeps
+    its file (returned as it is)."""
+    from kd.data import load_dataset_of_run, validation_split
+    from kd.engine import predict, resolve_device
+    from teachers.network import load_teacher_network
+
+    run_dir = Path(run_dir)
+    done = read_calibration(run_dir)
+    if done is not None:
+        return done
+    if not (run_dir / runs.SUMMARY).is_file():
+        raise KDError(f"{run_dir} is not a finished run (no {runs.SUMMARY}); calibrate a run directory that "
+                      f"`kd train-teacher` or `kd distill` finished")
+    model, meta = load_teacher_network(run_dir)
+    cfg = (yaml.safe_load((run_dir / runs.CONFIG).read_text()) or {}) if (run_dir / runs.CONFIG).is_file() else {}
+    split = load_dataset_of_run(meta, data_root, run_dir)
+    dev = resolve_device(device)
+    model = model.eval()
+    test_logits, test_labels = predict(model, split.test, split.info, device=dev)
+    fit = (None, None)
+    vf = float(cfg.get("val_fraction") or 0.0)
+    if vf > 0:
+        val = validation_split(split, vf, int(cfg.get("val_seed", 0))).test
+        fit = predict(model, val, split.info, device=dev)
+    out = calibrate_logits(test_logits.cpu(), test_labels.cpu(), *(t.cpu() if t is not None else None for t in fit),
+                           seed=seed)
+    if vf > 0:
+        out["fitted_on"] = "validation split"
+        out.update(val_fraction=vf, val_seed=int(cfg.get("val_seed", 0)))
+    out["made"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    runs.atomic_write(run_dir / CALIBRATION, json.dumps(out, indent=2) + "\n")
+    return out
