@@ -148,3 +148,38 @@ def test_benchmarks_readme_c_learning_rate_questions_are_made_from_the_committed
     df = claims_frame(claims=QUESTIONS)
     assert len(df) == len(QUESTIONS)  # every question has both rows in its committed CSV
     assert questions_markdown(df) in (ROOT / "benchmarks" / "README.md").read_text()
+
+
+def _committed_selections():
+    from conftest import ROOT
+
+    for f in sorted((ROOT / "benchmarks" / "sweeps").glob("*.yaml")):
+        spec = load_sweep(f)
+        path = ROOT / (spec["results"] + "_selection.csv")
+        if "select" in spec and path.is_file():
+            yield f.name, spec, pd.read_csv(path)
+
+
+def test_no_committed_selection_sits_at_the_edge_of_its_grid_unless_the_cap_was_reached():
+    """Recomputed from the validation rows themselves, not from the CSV's own grid column: each run's best
+    rate (mean over selection seeds, a stopped run the worst, ties to the smaller) is the chosen one and lies
+    strictly inside the rates tried, or the grid grew by select.extend rates on that side."""
+    seen = 0
+    for file, spec, sel in _committed_selections():
+        base = spec["select"]["lr"]
+        for name, g in sel.groupby("name"):
+            run = next(r for r in spec["runs"] if r["name"] == name)
+            grid = sorted(run.get("lr_grid") or base)
+            means = g.groupby("lr")["val_acc"].mean().fillna(float("-inf"))
+            best = float(means.index[means.values == means.max()].min())
+            assert set(g.loc[g["chosen"], "lr"]) == {best}, f"{file}: {name}"
+            tried = sorted(means.index)
+            if tried[0] < best < tried[-1]:
+                continue
+            side = [lr for lr in tried if (lr > grid[-1] if best == tried[-1] else lr < grid[0])]
+            assert len(side) == spec["select"]["extend"] and len(grid) > 1, \
+                f"{file}: {name} chose {best:g}, at the edge of {tried} before the cap of {spec['select']['extend']}"
+            assert set(g["grid"]) == {"cap"}, f"{file}: {name}"
+            seen += 1
+        seen += 1
+    assert seen >= 30  # the study's selections are all here

@@ -34,7 +34,8 @@ directory says why; ``stopped`` in the CSV); the other runs go on.
 
 With ``calibrate: true`` every final run is also temperature-scaled when it finishes (``kd calibrate``:
 ``calibration.json``), and the CSV gains ``temperature`` and the test set's NLL, ECE and adaptive ECE after
-scaling (``test_nll_ts``, ``test_ece_ts``, ``test_aece_ts``); a committed row without them is trained again.
+scaling (``test_nll_ts``, ``test_ece_ts``, ``test_aece_ts``); a committed row without them is trained again
+(and stays in the table until its new run replaces it, so the results can be committed while that goes on).
 
 A run whose ``summary.json`` exists is skipped (after checking that its config.yaml holds
 the values this file asks for, so two sweep files can share runs), so an interrupted sweep
@@ -412,8 +413,6 @@ class Plan:
                     "lr": cfg.lr, **({"method": cfg.method} if run["verb"] == "train-teacher" else {}),
                     **({"c_lr_scale": cfg.c_lr_scale} if cfg.c_lr_scale != 1 else {}),
                     **({"optimizer": cfg.optimizer} if cfg.optimizer != "sgd" else {})}
-            if self.spec["calibrate"] and pd.isna(row.get("test_ece_ts", float("nan"))):
-                return None  # made before the sweep asked for calibration: its network is needed again
         return row if all(_same(row.get(k), v) for k, v in want.items()) else None
 
     def _holds(self, name: str, seed: int) -> bool:
@@ -440,7 +439,13 @@ class Plan:
             return False
         if task.kind == "export" or (task.kind == "final" and task.name in self.read_by_others):
             return self.needed(task.name)
-        return self.recorded(task) is None
+        row = self.recorded(task)
+        return row is None or self._uncalibrated(task, row)
+
+    def _uncalibrated(self, task: Task, row: dict[str, Any]) -> bool:
+        """A committed final row made before the sweep asked for calibration: it stays in the table until
+        its run is trained again (its network is gone, and temperature scaling needs it)."""
+        return task.kind == "final" and self.spec["calibrate"] and pd.isna(row.get("test_ece_ts", float("nan")))
 
     def needed(self, name: str) -> bool:
         """Whether run ``name``'s directories must exist: a run that reads them still has to run
