@@ -8,6 +8,7 @@ can tell apart, not that smaller effects are absent.
 
     python -m benchmarks.claims            # prints the markdown table benchmarks/README.md carries
     python -m benchmarks.claims --questions   # the project's own questions (C's learning rate)
+    python -m benchmarks.claims --since REV   # the verdicts that differ from those of git revision REV's CSVs
 """
 from __future__ import annotations
 
@@ -192,12 +193,43 @@ def questions_markdown(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def changed_since(rev: str, claims: list[Claim] = CLAIMS) -> str:
+    """A markdown table of the claims whose verdict differs from the one the committed CSVs of git revision
+    ``rev`` gave (claims new since then are listed as new)."""
+    import subprocess
+    import tarfile
+    import tempfile
+
+    root = RESULTS.parent.parent
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = subprocess.run(["git", "archive", rev, "benchmarks/results"], cwd=root, check=True,
+                                 capture_output=True).stdout
+        with tarfile.open(fileobj=__import__("io").BytesIO(archive)) as tar:
+            tar.extractall(tmp, filter="data")
+        before = claims_frame(Path(tmp) / "benchmarks" / "results", claims)
+    now = claims_frame(RESULTS, claims)
+    old = {(r.claim, r.regime, r.csv): r for r in before.itertuples()}
+    lines = [f"| claim | regime | table | verdict at {rev} | verdict now | difference then | difference now |",
+             "|---|---|---|---|---|---|---|"]
+    for r in now.itertuples():
+        o = old.get((r.claim, r.regime, r.csv))
+        if o is None:
+            lines.append(f"| {r.claim} | {r.regime} | {r.csv} | (new) | **{r.verdict}** | | {r.difference} |")
+        elif o.verdict != r.verdict:
+            lines.append(f"| {r.claim} | {r.regime} | {r.csv} | {o.verdict} | **{r.verdict}** | {o.difference} | "
+                         f"{r.difference} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--results", default=str(RESULTS))
     p.add_argument("--questions", action="store_true", help="this project's own questions (C's learning rate)")
+    p.add_argument("--since", metavar="REV", help="list the verdicts that differ from git revision REV's")
     args = p.parse_args(argv)
-    if args.questions:
+    if args.since:
+        print(changed_since(args.since, QUESTIONS if args.questions else CLAIMS))
+    elif args.questions:
         print(questions_markdown(claims_frame(Path(args.results), QUESTIONS)))
     else:
         print(markdown(claims_frame(Path(args.results))))
