@@ -49,7 +49,7 @@ def test_demo_prints_teacher_and_four_students(capsys):
 
 
 #: The README's `kd` commands a test runs as written (the rest time things or take minutes; tested elsewhere).
-FAST_VERBS = ("train-teacher", "distill", "proxy", "teacher", "report")
+FAST_VERBS = ("train-teacher", "distill", "proxy", "teacher", "calibrate", "report")
 
 
 def readme_kd_commands() -> list[str]:
@@ -79,9 +79,12 @@ def test_readme_kd_flow_runs_as_written_and_shows_what_it_says(tmp_path, monkeyp
             continue
         assert main(argv) == 0, (command, capsys.readouterr().err)
         ran.append(argv[0])
-    assert ran.count("distill") == 3 and {"proxy", "teacher", "report"} <= set(ran)
+    assert ran.count("distill") == 3 and {"proxy", "teacher", "calibrate", "report"} <= set(ran)
     teacher = json.loads((tmp_path / "runs" / "t-lspp" / "summary.json").read_text())
     assert teacher["c_entropy_share"] < 0.97 and "note" not in teacher  # "C moves": the first LS++ command's C left uniform
     for run in ("s-proxy", "s-hinton", "s-cached"):
         assert json.loads((tmp_path / "runs" / run / "summary.json").read_text())["test_acc"] > 0.5  # 10 classes
     assert (tmp_path / "report" / "index.md").is_file() and (tmp_path / "proxies" / "t.safetensors").is_file()
+    # calibrated before the report: the report's reliability figure shows it after temperature scaling too
+    assert json.loads((tmp_path / "runs" / "s-proxy" / "calibration.json").read_text())["fitted_on"] == "test halves"
+    assert "after temperature scaling" in (tmp_path / "report" / "index.md").read_text()
