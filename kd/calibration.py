@@ -45,8 +45,8 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     mean(E_softmax(b z)[z] - z_y), rises with b and its root is the minimum: found by bisection on log b
     in float64 (to 1e-12 relative), inside ``T_RANGE``.
     """
-    z = logits.detach().double().cpu()
-    y = labels.detach().long().cpu()
+    z = torch.as_tensor(logits).detach().double().cpu()  # numpy arrays and lists too
+    y = torch.as_tensor(labels).detach().long().cpu()
     if z.ndim != 2 or z.shape[0] != y.shape[0] or z.shape[0] == 0:
         raise KDError(f"temperature scaling needs N x K logits and N labels, got {tuple(z.shape)} and {tuple(y.shape)}")
     zy = z.gather(1, y[:, None]).squeeze(1)
@@ -68,7 +68,7 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 def halves(labels: torch.Tensor, seed: int = 0) -> torch.Tensor:
     """A stratified, seeded cut of the samples into two halves: a bool mask, True for half A."""
-    y = labels.detach().long().cpu()
+    y = torch.as_tensor(labels).detach().long().cpu()
     g = torch.Generator().manual_seed(seed)
     mask = torch.zeros(len(y), dtype=torch.bool)
     for c in torch.unique(y):
@@ -99,8 +99,10 @@ def calibrate_logits(test_logits: torch.Tensor, test_labels: torch.Tensor, fit_l
                      fit_labels: torch.Tensor | None = None, seed: int = 0) -> dict[str, Any]:
     """Fit and measure: T from ``fit_*`` when given, else from crossed halves of the test set; the test
     set's accuracy, NLL, ECE-15 and adaptive ECE before (``test_*``) and after (``test_*_ts``) scaling."""
+    test_logits, test_labels = torch.as_tensor(test_logits).double(), torch.as_tensor(test_labels).long()
     raw = classification_metrics(test_logits, test_labels)
     if fit_logits is not None:
+        fit_logits, fit_labels = torch.as_tensor(fit_logits), torch.as_tensor(fit_labels)
         t = fit_temperature(fit_logits, fit_labels)
         after = classification_metrics(test_logits.double() / t, test_labels)
         out: dict[str, Any] = {"fitted_on": "validation split", "temperature": t, "temperatures": [t],
@@ -110,6 +112,9 @@ def calibrate_logits(test_logits: torch.Tensor, test_labels: torch.Tensor, fit_l
         after = classification_metrics(test_logits.double() / per_sample[:, None], test_labels)
         out = {"fitted_on": "test halves", "temperature": math.sqrt(ts[0] * ts[1]), "temperatures": ts,
                "fit_samples": int(len(test_labels) // 2), "seed": seed}
+    if any(t in T_RANGE for t in out["temperatures"]):
+        out["note"] = (f"T reached the end of its search range {T_RANGE}: the held-out data asks for outputs as flat "
+                       f"(or as sharp) as they go, which logits unrelated to the labels do")
     out.update({"test_samples": int(len(test_labels)), **{f"test_{k}": v for k, v in raw.items()},
                 **{f"test_{k}_ts": v for k, v in after.items() if k != "acc"}})
     return out

@@ -97,3 +97,14 @@ def test_kd_calibrate_writes_a_new_file_keeps_the_run_and_refuses_what_is_not_a_
     with pytest.raises(KDError, match="not a finished run"):
         from kd.calibration import calibrate_run
         calibrate_run(tmp_path)
+
+
+def test_numpy_arrays_are_taken_as_they_come_and_a_hopeless_fit_says_so():
+    """A user's float64 logits and int64 labels from numpy; logits unrelated to the labels push T to the end of its
+    range, and the result says so."""
+    z, y = _logits(sharpness=4.0)
+    assert fit_temperature(z.double().numpy(), y.numpy()) == pytest.approx(fit_temperature(z, y), rel=1e-9)
+    rng = np.random.default_rng(0)
+    out = calibrate_logits(rng.normal(size=(400, 4)) * 4, rng.integers(0, 4, 400))
+    assert "note" in out and max(out["temperatures"]) == 1000.0
+    assert "note" not in calibrate_logits(z, y)
