@@ -103,8 +103,8 @@ CLAIMS = [
           "student alone", regimes=("text",)),
     Claim("PT-LS++ trails the LS++ network teacher on text (Sec. 5.3's claim)", "-", "fortunes_text",
           "student <- LS++ net", "student <- PT-LS++", regimes=("text",)),
-    Claim("A proxy student trains faster than online KD on text", "-", "fortunes_text", "student <- PT-LS++",
-          "student <- LS++ net", "train_seconds", regimes=("text",)),
+    # no time claim on text: its runs shared the 2-core CPU with other sweeps (two identical runs, the 1-hot teacher and
+    # the student alone, took 46 and 89 s), so its train_seconds do not compare
 ]
 #: Questions of this project's own (not the paper's), judged the same way: does C learn better with a rate of its own?
 QUESTIONS = [
