@@ -620,3 +620,24 @@ def test_a_calibrating_sweep_scales_its_final_runs_and_retrains_committed_rows_w
     seen.clear()
     df = run_sweep(f, log=seen.append)
     assert any(line.endswith("ls seed 0 ...") for line in seen) and df["test_ece_ts"].notna().all()
+
+
+def test_a_dry_run_lists_what_would_train_and_trains_nothing(tmp_path, monkeypatch, capsys):
+    import math
+
+    import kd.app.sweep as sweep
+    from kd.app.cli import main
+
+    calls: list = []
+    monkeypatch.setattr(sweep, "execute", _fake_trainer(lambda lr: 0.9 - abs(math.log2(lr / 0.4)) / 100, calls))
+    f = tmp_path / "s.yaml"
+    f.write_text(EDGE.format(d=tmp_path, extend=""))
+    assert main(["sweep", str(f), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "a: grid 0.05, 0.1, 0.2; chosen - (pending)" in out and "a seed 0 lr 0.2 (validation)" in out
+    assert "7 task(s) to run now" in out  # 3 validation runs, a's and b's two seeds
+    assert calls == [] and not (tmp_path / "runs").exists()
+    sweep.run_sweep(f, log=None)
+    assert main(["sweep", str(f), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "a: grid 0.05, 0.1, 0.2, 0.4, 0.8; chosen 0.4 (interior)" in out and "0 task(s) to run now" in out

@@ -254,6 +254,11 @@ def _cmd_loader_bench(args) -> int:
 
 
 def _cmd_sweep(args) -> int:
+    if args.dry_run:
+        from kd.app.sweep import pending
+
+        print(pending(args.file))
+        return 0
     df = run_sweep(args.file, log=None if args.quiet else print, jobs=args.jobs)
     print(summary_table(df))
     return 0
@@ -464,6 +469,8 @@ def _sweep_parser(sub) -> None:
     p.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="train N runs at once, each in its own process with the threads split between them "
                    "(on a GPU they share it); default 1")
+    p.add_argument("--dry-run", action="store_true",
+                   help="train nothing: list the runs that would train now, and where each chosen rate lies in its grid")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_sweep)
 

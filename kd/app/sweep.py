@@ -652,6 +652,32 @@ def run_sweep(path: str | Path, log: Callable[[str], None] | None = print, jobs:
     return df
 
 
+def pending(path: str | Path) -> str:
+    """What `kd sweep FILE` would do now, without doing it: each run's grid and where its chosen rate lies,
+    then the tasks that would train or write (those waiting on a result that may add rates are not listed yet)."""
+    spec = load_sweep(path)
+    plan = Plan(spec, Path(path).parent)
+    lines = []
+    for run in spec["runs"]:
+        if selects(spec, run):
+            grid, where = plan.grid(run["name"])
+            chosen = plan.chosen_lr(run["name"])
+            lines.append(f"{run['name']}: grid {', '.join(f'{v:g}' for v in grid)}; "
+                         f"chosen {'-' if chosen is None else f'{chosen:g}'} ({where})")
+    todo = []
+    for t in plan.tasks.values():
+        verb = plan.runs[t.name]["verb"]
+        if _finished(t, verb):
+            if t.kind == "final" and spec["calibrate"] and not (t.out / CALIBRATION).is_file():
+                todo.append(f"  {t.label()}: calibrate")
+            continue
+        if plan.must_run(t):
+            todo.append(f"  {t.label()}" + ("" if t.kind != "final" or plan.recorded(t) is None else
+                                            " (committed row without calibration: train again)"))
+    lines.append(f"{len(todo)} task(s) to run now" + (":" if todo else ""))
+    return "\n".join(lines + todo)
+
+
 def _job(plan: Plan, task: Task, log) -> dict[str, Any] | None:
     """The plain description of ``task`` for :func:`execute`, or None when it is already finished."""
     run = plan.runs[task.name]
