@@ -641,3 +641,29 @@ def test_a_dry_run_lists_what_would_train_and_trains_nothing(tmp_path, monkeypat
     assert main(["sweep", str(f), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "a: grid 0.05, 0.1, 0.2, 0.4, 0.8; chosen 0.4 (interior)" in out and "0 task(s) to run now" in out
+
+
+def test_an_interrupted_run_leaves_its_committed_row_in_the_table_until_it_finishes(tmp_path, monkeypatch):
+    """A sweep killed mid-run on a fresh clone leaves a directory without a summary: the table keeps the committed
+    row of that run (and its validation rows) instead of dropping it, so the results stay whole while it reruns."""
+    import math
+    import shutil
+
+    import kd.app.sweep as sweep
+
+    calls: list = []
+    monkeypatch.setattr(sweep, "execute", _fake_trainer(lambda lr: 0.9 - abs(math.log2(lr / 0.1)) / 100, calls))
+    sweeps = tmp_path / "sweeps"
+    sweeps.mkdir()
+    f = sweeps / "s.yaml"
+    f.write_text(EDGE.format(d=tmp_path, extend=""))
+    first = sweep.run_sweep(f, log=None)
+    shutil.rmtree(tmp_path / "runs")
+    for d in (tmp_path / "runs" / "a" / "seed1", tmp_path / "runs" / "a" / "select" / "lr0.1-seed0"):
+        d.mkdir(parents=True)
+        (d / "config.yaml").write_text("lr: 0.1\n")  # started, killed before its first epoch ended
+    spec = sweep.load_sweep(f)
+    plan = sweep.Plan(spec, sweeps)
+    df = sweep.collect(spec, plan)
+    assert len(df) == len(first) and set(df["lr"]) == {0.1}
+    assert plan.must_run(next(t for t in plan.tasks.values() if t.name == "a" and t.seed == 1 and t.kind == "final"))

@@ -325,7 +325,7 @@ class Plan:
             return {**head, **{k: m[k] for k in m if k.startswith("val_") and k not in ("val_fraction", "val_seed")}}
         if (d / STOPPED).is_file():
             return {**head, "val_acc": float("nan"), "stopped": json.loads((d / STOPPED).read_text())["stopped"]}
-        row = self.recorded(Task(name, "select", seed, d, lr))
+        row = self.committed(Task(name, "select", seed, d, lr))  # gone, or interrupted: the committed row stands
         if row is None:
             return None
         return {k: v for k, v in row.items() if k not in ("_kind", "chosen", "grid", "extended")}
@@ -394,9 +394,9 @@ class Plan:
         matches what this sweep asks (see the module's docstring); else None."""
         if task.kind == "export" or task.out.exists():
             return None
-        return self._committed(task)
+        return self.committed(task)
 
-    def _committed(self, task: Task) -> dict[str, Any] | None:
+    def committed(self, task: Task) -> dict[str, Any] | None:
         """``task``'s row in the committed results when it matches what this sweep asks; else None."""
         row = self.ledger.get(task.out)
         if row is None or row["_kind"] != task.kind:
@@ -426,7 +426,7 @@ class Plan:
                 if not all(self._holds(ref, t.seed) for ref in references(self.runs[name])):
                     return False
             elif t.out in self.ledger:  # the committed rows of its readers were made from this one
-                if self._committed(t) is None:
+                if self.committed(t) is None:
                     return False  # made with other values than this sweep asks now
             elif not _finished(t, verb) and self.runs[name].get("table", True) is not False:
                 return False  # neither here nor committed (a run out of the table cannot be checked: it holds)
@@ -741,8 +741,9 @@ def collect(spec, plan: Plan | None = None) -> pd.DataFrame:
         for seed in run.get("seeds", spec["seeds"]):
             p = _run_dir(spec, run["name"], seed) / runs.SUMMARY
             if not p.is_file():
-                row = plan.recorded(Task(run["name"], "final", seed, p.parent))
-                if row is not None:  # committed earlier, its directory gone: the committed row stands
+                # committed earlier, its directory gone or holding an interrupted run: the committed row stands
+                row = plan.committed(Task(run["name"], "final", seed, p.parent))
+                if row is not None:
                     rows.append({**{k: v for k, v in row.items() if k != "_kind"}, "grid": where})
                 continue
             s = json.loads(p.read_text())
