@@ -13,7 +13,8 @@ Which held-out data fits T:
   calibrated metrics are measured over the whole test set. No test sample is scaled by a temperature
   fitted on itself, and the calibrated numbers stand on the same samples as the raw ones.
 
-``kd calibrate RUN`` writes ``RUN/calibration.json`` (a new file; nothing of the run is changed): where T
+``kd calibrate RUN`` (``kd.app.jobs.calibrate_run``) writes ``RUN/calibration.json`` (a new file; nothing of
+the run is changed): where T
 was fitted, ``temperatures`` (one, or the two halves' [fitted on A, fitted on B]; ``temperature`` is then
 their geometric mean, for reading only), and the test set's metrics before (``test_nll``, ``test_ece``,
 ``test_aece``, equal to the run's summary) and after scaling (``*_ts``).
@@ -22,14 +23,11 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-from kd import runs
 from kd.errors import KDError
 from kd.metrics import classification_metrics
 
@@ -123,38 +121,3 @@ def calibrate_logits(test_logits: torch.Tensor, test_labels: torch.Tensor, fit_l
 def read_calibration(run_dir: str | Path) -> dict[str, Any] | None:
     p = Path(run_dir) / CALIBRATION
     return json.loads(p.read_text()) if p.is_file() else None
-
-
-def calibrate_run(run_dir: str | Path, data_root: str | None = None, device: str = "auto", seed: int = 0) -> dict[str, Any]:
-    """Fit a finished run's temperature and write ``RUN/calibration.json``; a run already calibrated keeps
-    its file (returned as it is)."""
-    from kd.data import load_dataset_of_run, validation_split
-    from kd.engine import predict, resolve_device
-    from teachers.network import load_teacher_network
-
-    run_dir = Path(run_dir)
-    done = read_calibration(run_dir)
-    if done is not None:
-        return done
-    if not (run_dir / runs.SUMMARY).is_file():
-        raise KDError(f"{run_dir} is not a finished run (no {runs.SUMMARY}); calibrate a run directory that "
-                      f"`kd train-teacher` or `kd distill` finished")
-    model, meta = load_teacher_network(run_dir)
-    cfg = (yaml.safe_load((run_dir / runs.CONFIG).read_text()) or {}) if (run_dir / runs.CONFIG).is_file() else {}
-    split = load_dataset_of_run(meta, data_root, run_dir)
-    dev = resolve_device(device)
-    model = model.eval()
-    test_logits, test_labels = predict(model, split.test, split.info, device=dev)
-    fit = (None, None)
-    vf = float(cfg.get("val_fraction") or 0.0)
-    if vf > 0:
-        val = validation_split(split, vf, int(cfg.get("val_seed", 0))).test
-        fit = predict(model, val, split.info, device=dev)
-    out = calibrate_logits(test_logits.cpu(), test_labels.cpu(), *(t.cpu() if t is not None else None for t in fit),
-                           seed=seed)
-    if vf > 0:
-        out["fitted_on"] = "validation split"
-        out.update(val_fraction=vf, val_seed=int(cfg.get("val_seed", 0)))
-    out["made"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-    runs.atomic_write(run_dir / CALIBRATION, json.dumps(out, indent=2) + "\n")
-    return out

@@ -95,7 +95,7 @@ def test_kd_calibrate_writes_a_new_file_keeps_the_run_and_refuses_what_is_not_a_
     assert json.loads((run / "calibration.json").read_text())["made"] == cal["made"]
     assert "(kept)" in capsys.readouterr().out
     with pytest.raises(KDError, match="not a finished run"):
-        from kd.calibration import calibrate_run
+        from kd.app.jobs import calibrate_run
         calibrate_run(tmp_path)
 
 

@@ -274,7 +274,8 @@ def _cmd_report(args) -> int:
 
 
 def _cmd_calibrate(args) -> int:
-    from kd.calibration import CALIBRATION, calibrate_run, read_calibration
+    from kd.app.jobs import calibrate_run
+    from kd.calibration import CALIBRATION, read_calibration
 
     rows = []
     for run in args.runs:

@@ -1,14 +1,18 @@
 """What the CLI verbs do, built on the engine: resolve data and model, fill a run directory."""
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 from typing import Any
 
 import warnings
 
 import torch
+import yaml
 
 from kd import models, runs
+from kd.calibration import CALIBRATION, calibrate_logits, read_calibration
 from kd.config import TrainConfig
 from kd.data import DataSplit, load_dataset, load_dataset_of_run, validation_split
 from kd.engine import FitResult, fit, predict, resolve_device
@@ -20,7 +24,7 @@ from kd.text import (TOKENIZER_FILE, check_model_fits, check_teacher_tokenizer, 
 from students import run_distill
 from teachers import DEFAULT_ALPHA, make_source, teacher_from_spec
 from teachers.cached import save_cache, save_topk_cache
-from teachers.network import NetworkTeacher
+from teachers.network import NetworkTeacher, load_teacher_network
 from teachers.proxy import ProxyTeacher, check_top_k, measure_c_matrix, save_topk_c_matrix, top_k_rows
 
 
@@ -331,4 +335,35 @@ def cache_job(run_dir: str | Path | None, dataset: str | None, out: str | Path, 
         save_topk_cache(out, logits, top_k, split.info.name, described)
     else:
         save_cache(out, logits, split.info.name, described)
+    return out
+
+
+def calibrate_run(run_dir: str | Path, data_root: str | None = None, device: str = "auto", seed: int = 0) -> dict[str, Any]:
+    """Fit a finished run's temperature and write ``RUN/calibration.json``; a run already calibrated keeps
+    its file (returned as it is)."""
+    run_dir = Path(run_dir)
+    done = read_calibration(run_dir)
+    if done is not None:
+        return done
+    if not (run_dir / runs.SUMMARY).is_file():
+        raise KDError(f"{run_dir} is not a finished run (no {runs.SUMMARY}); calibrate a run directory that "
+                      f"`kd train-teacher` or `kd distill` finished")
+    model, meta = load_teacher_network(run_dir)
+    cfg = (yaml.safe_load((run_dir / runs.CONFIG).read_text()) or {}) if (run_dir / runs.CONFIG).is_file() else {}
+    split = load_dataset_of_run(meta, data_root, run_dir)
+    dev = resolve_device(device)
+    model = model.eval()
+    test_logits, test_labels = predict(model, split.test, split.info, device=dev)
+    fit = (None, None)
+    vf = float(cfg.get("val_fraction") or 0.0)
+    if vf > 0:
+        val = validation_split(split, vf, int(cfg.get("val_seed", 0))).test
+        fit = predict(model, val, split.info, device=dev)
+    out = calibrate_logits(test_logits.cpu(), test_labels.cpu(), *(t.cpu() if t is not None else None for t in fit),
+                           seed=seed)
+    if vf > 0:
+        out["fitted_on"] = "validation split"
+        out.update(val_fraction=vf, val_seed=int(cfg.get("val_seed", 0)))
+    out["made"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    runs.atomic_write(run_dir / CALIBRATION, json.dumps(out, indent=2) + "\n")
     return out

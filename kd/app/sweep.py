@@ -510,8 +510,7 @@ def _move_aside_if_interrupted(task: Task, log) -> bool:
 
 def execute(job: dict[str, Any]) -> dict[str, Any]:
     """Run one task described by plain values (so that a worker process can take it); returns its summary."""
-    from kd.app.jobs import cache_job, distill_job, export_proxy_job, train_teacher_job
-    from kd.calibration import calibrate_run
+    from kd.app.jobs import cache_job, calibrate_run, distill_job, export_proxy_job, train_teacher_job
 
     if job["verb"] == "calibrate":
         return calibrate_run(job["out"], data_root=job["data_root"], device=job["device"])
