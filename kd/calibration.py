@@ -76,13 +76,10 @@ def halves(labels: torch.Tensor, seed: int = 0) -> torch.Tensor:
     return mask
 
 
-def crossed_temperatures(logits: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, list[float]]:
-    """Per-sample temperatures from two crossed halves (each half scaled by the T fitted on the other),
-    and the two temperatures [T fitted on A, T fitted on B]."""
+def crossed_temperatures(logits: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> list[float]:
+    """[T fitted on half A, T fitted on half B] of :func:`halves`; :func:`scaled` applies each to the other half."""
     a = halves(labels, seed)
-    t_a, t_b = fit_temperature(logits[a], labels[a]), fit_temperature(logits[~a], labels[~a])
-    per_sample = torch.where(a, torch.tensor(t_b, dtype=torch.float64), torch.tensor(t_a, dtype=torch.float64))
-    return per_sample, [t_a, t_b]
+    return [fit_temperature(logits[a], labels[a]), fit_temperature(logits[~a], labels[~a])]
 
 
 def scaled(logits: torch.Tensor, labels: torch.Tensor, calib: dict[str, Any]) -> torch.Tensor:
@@ -102,14 +99,14 @@ def calibrate_logits(test_logits: torch.Tensor, test_labels: torch.Tensor, fit_l
     if fit_logits is not None:
         fit_logits, fit_labels = torch.as_tensor(fit_logits), torch.as_tensor(fit_labels)
         t = fit_temperature(fit_logits, fit_labels)
-        after = classification_metrics(test_logits.double() / t, test_labels)
         out: dict[str, Any] = {"fitted_on": "validation split", "temperature": t, "temperatures": [t],
                                "fit_samples": int(len(fit_labels))}
+        after = classification_metrics(scaled(test_logits, test_labels, out), test_labels)
     else:
-        per_sample, ts = crossed_temperatures(test_logits, test_labels, seed)
-        after = classification_metrics(test_logits.double() / per_sample[:, None], test_labels)
+        ts = crossed_temperatures(test_logits, test_labels, seed)
         out = {"fitted_on": "test halves", "temperature": math.sqrt(ts[0] * ts[1]), "temperatures": ts,
                "fit_samples": int(len(test_labels) // 2), "seed": seed}
+        after = classification_metrics(scaled(test_logits, test_labels, out), test_labels)
     if any(t in T_RANGE for t in out["temperatures"]):
         out["note"] = (f"T reached the end of its search range {T_RANGE}: the held-out data asks for outputs as flat "
                        f"(or as sharp) as they go, which logits unrelated to the labels do")

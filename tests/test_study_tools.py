@@ -464,6 +464,26 @@ runs:
 """
 
 
+def _peaked(peak):
+    """A validation curve with its best at ``peak``, falling by 0.01 per doubling away from it."""
+    import math
+
+    return lambda lr: 0.9 - abs(math.log2(lr / peak)) / 100
+
+
+def _edge_sweep(tmp_path, monkeypatch, curve, extend="", stop_at=None):
+    """The EDGE sweep in tmp_path/sweeps/s.yaml, trained by the fake trainer with validation ``curve``:
+    (the file, the list of the trainer's calls)."""
+    import kd.app.sweep as sweep
+
+    calls: list = []
+    monkeypatch.setattr(sweep, "execute", _fake_trainer(curve, calls, stop_at=stop_at))
+    (tmp_path / "sweeps").mkdir()
+    f = tmp_path / "sweeps" / "s.yaml"
+    f.write_text(EDGE.format(d=tmp_path, extend=extend))
+    return f, calls
+
+
 @pytest.mark.parametrize("peak, extend, grid, chosen, where", [
     (0.4, "", [0.05, 0.1, 0.2, 0.4, 0.8], 0.4, "interior"),             # grows up until the best is inside
     (0.01, "", [0.00625, 0.0125, 0.025, 0.05, 0.1, 0.2], 0.0125, "interior"),  # grows down, by /2
@@ -473,14 +493,10 @@ runs:
 ])
 def test_a_grid_whose_best_rate_is_at_an_edge_grows_by_its_own_ratio(tmp_path, monkeypatch, peak, extend, grid,
                                                                      chosen, where):
-    import math
 
     import kd.app.sweep as sweep
 
-    calls: list = []
-    monkeypatch.setattr(sweep, "execute", _fake_trainer(lambda lr: 0.9 - abs(math.log2(lr / peak)) / 100, calls))
-    f = tmp_path / "s.yaml"
-    f.write_text(EDGE.format(d=tmp_path, extend=extend))
+    f, calls = _edge_sweep(tmp_path, monkeypatch, _peaked(peak), extend)
     df = sweep.run_sweep(f, log=None)
     val = sorted({lr for name, lr, v in calls if v})
     assert val == pytest.approx(grid)
@@ -499,10 +515,7 @@ def test_a_grid_whose_best_rate_is_at_an_edge_grows_by_its_own_ratio(tmp_path, m
 def test_a_rate_at_which_training_stops_counts_as_the_worst_and_is_not_rerun(tmp_path, monkeypatch):
     import kd.app.sweep as sweep
 
-    calls: list = []
-    monkeypatch.setattr(sweep, "execute", _fake_trainer(lambda lr: lr, calls, stop_at=0.4))
-    f = tmp_path / "s.yaml"
-    f.write_text(EDGE.format(d=tmp_path, extend=""))
+    f, calls = _edge_sweep(tmp_path, monkeypatch, lambda lr: lr, stop_at=0.4)
     df = sweep.run_sweep(f, log=None)
     assert set(df["lr"]) == {0.2} and set(df["grid"]) == {"interior"}
     stopped = tmp_path / "runs" / "a" / "select" / "lr0.4-seed0" / "stopped.json"
@@ -518,17 +531,11 @@ def test_a_rate_at_which_training_stops_counts_as_the_worst_and_is_not_rerun(tmp
 def test_a_fresh_clone_keeps_the_extended_rates_of_the_committed_selection(tmp_path, monkeypatch):
     """The added rates are in the committed selection CSV: a clone without the run directories neither
     trains them again nor forgets them (the chosen rate stays the extended one)."""
-    import math
     import shutil
 
     import kd.app.sweep as sweep
 
-    calls: list = []
-    monkeypatch.setattr(sweep, "execute", _fake_trainer(lambda lr: 0.9 - abs(math.log2(lr / 0.4)) / 100, calls))
-    sweeps = tmp_path / "sweeps"
-    sweeps.mkdir()
-    f = sweeps / "s.yaml"
-    f.write_text(EDGE.format(d=tmp_path, extend=""))
+    f, calls = _edge_sweep(tmp_path, monkeypatch, _peaked(0.4))
     sweep.run_sweep(f, log=None)
     shutil.rmtree(tmp_path / "runs")
     calls.clear()
@@ -550,13 +557,12 @@ def test_select_extend_must_be_a_whole_number(tmp_path):
 def test_a_teacher_whose_chosen_rate_moves_is_trained_again_and_so_are_its_students(tmp_path, monkeypatch):
     """On a fresh clone the committed rows stand only while what they read stands: when the edge rule moves
     the teacher's rate, the teacher and the student it taught are trained again; the other student is not."""
-    import math
     import shutil
 
     import kd.app.sweep as sweep
 
     calls: list = []
-    monkeypatch.setattr(sweep, "execute", _fake_trainer(lambda lr: 0.9 - abs(math.log2(lr / 0.4)) / 100, calls))
+    monkeypatch.setattr(sweep, "execute", _fake_trainer(_peaked(0.4), calls))
     sweeps = tmp_path / "sweeps"
     sweeps.mkdir()
     body = f"""
@@ -623,15 +629,11 @@ def test_a_calibrating_sweep_scales_its_final_runs_and_retrains_committed_rows_w
 
 
 def test_a_dry_run_lists_what_would_train_and_trains_nothing(tmp_path, monkeypatch, capsys):
-    import math
 
     import kd.app.sweep as sweep
     from kd.app.cli import main
 
-    calls: list = []
-    monkeypatch.setattr(sweep, "execute", _fake_trainer(lambda lr: 0.9 - abs(math.log2(lr / 0.4)) / 100, calls))
-    f = tmp_path / "s.yaml"
-    f.write_text(EDGE.format(d=tmp_path, extend=""))
+    f, calls = _edge_sweep(tmp_path, monkeypatch, _peaked(0.4))
     assert main(["sweep", str(f), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "a: grid 0.05, 0.1, 0.2; chosen - (pending)" in out and "a seed 0 lr 0.2 (validation)" in out
@@ -646,24 +648,18 @@ def test_a_dry_run_lists_what_would_train_and_trains_nothing(tmp_path, monkeypat
 def test_an_interrupted_run_leaves_its_committed_row_in_the_table_until_it_finishes(tmp_path, monkeypatch):
     """A sweep killed mid-run on a fresh clone leaves a directory without a summary: the table keeps the committed
     row of that run (and its validation rows) instead of dropping it, so the results stay whole while it reruns."""
-    import math
     import shutil
 
     import kd.app.sweep as sweep
 
-    calls: list = []
-    monkeypatch.setattr(sweep, "execute", _fake_trainer(lambda lr: 0.9 - abs(math.log2(lr / 0.1)) / 100, calls))
-    sweeps = tmp_path / "sweeps"
-    sweeps.mkdir()
-    f = sweeps / "s.yaml"
-    f.write_text(EDGE.format(d=tmp_path, extend=""))
+    f, calls = _edge_sweep(tmp_path, monkeypatch, _peaked(0.1))
     first = sweep.run_sweep(f, log=None)
     shutil.rmtree(tmp_path / "runs")
     for d in (tmp_path / "runs" / "a" / "seed1", tmp_path / "runs" / "a" / "select" / "lr0.1-seed0"):
         d.mkdir(parents=True)
         (d / "config.yaml").write_text("lr: 0.1\n")  # started, killed before its first epoch ended
     spec = sweep.load_sweep(f)
-    plan = sweep.Plan(spec, sweeps)
+    plan = sweep.Plan(spec, f.parent)
     df = sweep.collect(spec, plan)
     assert len(df) == len(first) and set(df["lr"]) == {0.1}
     assert plan.must_run(next(t for t in plan.tasks.values() if t.name == "a" and t.seed == 1 and t.kind == "final"))

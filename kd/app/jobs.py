@@ -354,16 +354,13 @@ def calibrate_run(run_dir: str | Path, data_root: str | None = None, device: str
     dev = resolve_device(device)
     model = model.eval()
     test_logits, test_labels = predict(model, split.test, split.info, device=dev)
-    fit = (None, None)
-    vf = float(cfg.get("val_fraction") or 0.0)
-    if vf > 0:
-        val = validation_split(split, vf, int(cfg.get("val_seed", 0))).test
-        fit = predict(model, val, split.info, device=dev)
-    out = calibrate_logits(test_logits.cpu(), test_labels.cpu(), *(t.cpu() if t is not None else None for t in fit),
-                           seed=seed)
-    if vf > 0:
-        out["fitted_on"] = "validation split"
-        out.update(val_fraction=vf, val_seed=int(cfg.get("val_seed", 0)))
+    vf, vs = float(cfg.get("val_fraction") or 0.0), int(cfg.get("val_seed", 0))
+    if vf > 0:  # trained on a validation split: T is fitted there, and the whole test set is measured
+        val_logits, val_labels = predict(model, validation_split(split, vf, vs).test, split.info, device=dev)
+        out = calibrate_logits(test_logits.cpu(), test_labels.cpu(), val_logits.cpu(), val_labels.cpu())
+        out.update(val_fraction=vf, val_seed=vs)
+    else:
+        out = calibrate_logits(test_logits.cpu(), test_labels.cpu(), seed=seed)
     out["made"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     runs.atomic_write(run_dir / CALIBRATION, json.dumps(out, indent=2) + "\n")
     return out

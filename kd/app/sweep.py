@@ -442,6 +442,10 @@ class Plan:
         row = self.recorded(task)
         return row is None or self._uncalibrated(task, row)
 
+    def needs_calibration(self, task: Task) -> bool:
+        """A finished final run of a sweep that asks for calibration, not yet temperature-scaled."""
+        return task.kind == "final" and self.spec["calibrate"] and not (task.out / CALIBRATION).is_file()
+
     def _uncalibrated(self, task: Task, row: dict[str, Any]) -> bool:
         """A committed final row made before the sweep asked for calibration: it stays in the table until
         its run is trained again (its network is gone, and temperature scaling needs it)."""
@@ -617,19 +621,15 @@ def run_sweep(path: str | Path, log: Callable[[str], None] | None = print, jobs:
                 task, t0 = running.pop(f)
                 try:
                     summary = f.result()
-                except NonFiniteError as e:
-                    if task.kind != "select":
-                        failed[task.key] = f"{type(e).__name__}: {e}"
+                except Exception as e:
+                    if not (isinstance(e, NonFiniteError) and task.kind == "select"):
+                        failed[task.key] = f"{type(e).__name__}: {e}"  # one failed run does not stop the others
                         log(f"[sweep] {task.label()}: FAILED ({failed[task.key]})")
                         continue
                     # a rate at which training stops is a result of the selection: the worst one
                     (task.out / STOPPED).write_text(json.dumps({"stopped": str(e), "lr": task.lr}, indent=1) + "\n")
                     summary = {}
                     log(f"[sweep] {task.label()}: stopped, not finite (counts as the worst rate)")
-                except Exception as e:  # one failed run does not stop the others
-                    failed[task.key] = f"{type(e).__name__}: {e}"
-                    log(f"[sweep] {task.label()}: FAILED ({failed[task.key]})")
-                    continue
                 done.add(task.key)
                 grow(task)
                 ev = summary.get("evaluated_on")
@@ -667,7 +667,7 @@ def pending(path: str | Path) -> str:
     for t in plan.tasks.values():
         verb = plan.runs[t.name]["verb"]
         if _finished(t, verb):
-            if t.kind == "final" and spec["calibrate"] and not (t.out / CALIBRATION).is_file():
+            if plan.needs_calibration(t):
                 todo.append(f"  {t.label()}: calibrate")
             continue
         if plan.must_run(t):
@@ -689,7 +689,7 @@ def _job(plan: Plan, task: Task, log) -> dict[str, Any] | None:
     asked = plan.asked(task)
     if _finished(task, run["verb"]):
         _check_same_config(task, asked)
-        if task.kind == "final" and plan.spec["calibrate"] and not (task.out / CALIBRATION).is_file():
+        if plan.needs_calibration(task):
             return {"verb": "calibrate", "out": str(task.out), "device": plan.spec["base"].get("device", "auto"),
                     "data_root": plan.spec["base"].get("data_root")}
         return None
