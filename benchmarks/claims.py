@@ -196,6 +196,7 @@ def questions_markdown(df: pd.DataFrame) -> str:
 def changed_since(rev: str, claims: list[Claim] = CLAIMS) -> str:
     """A markdown table of the claims whose verdict differs from the one the committed CSVs of git revision
     ``rev`` gave (claims new since then are listed as new)."""
+    import io
     import subprocess
     import tarfile
     import tempfile
@@ -204,7 +205,7 @@ def changed_since(rev: str, claims: list[Claim] = CLAIMS) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         archive = subprocess.run(["git", "archive", rev, "benchmarks/results"], cwd=root, check=True,
                                  capture_output=True).stdout
-        with tarfile.open(fileobj=__import__("io").BytesIO(archive)) as tar:
+        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
             tar.extractall(tmp, filter="data")
         before = claims_frame(Path(tmp) / "benchmarks" / "results", claims)
     now = claims_frame(RESULTS, claims)

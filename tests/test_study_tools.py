@@ -432,10 +432,12 @@ def test_a_fresh_clone_keeps_the_committed_rows_and_trains_only_what_is_missing(
 
 def _fake_trainer(curve, calls, stop_at=None):
     """Stands in for `execute`: validation accuracy is curve(lr); a run at lr >= stop_at stops non-finite."""
+    from pathlib import Path
+
     from kd.errors import NonFiniteError
 
     def execute(job):
-        cfg, out = job["config"], __import__("pathlib").Path(job["out"])
+        cfg, out = job["config"], Path(job["out"])
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(cfg))
         calls.append((out.parent.name if out.parent.name != "select" else out.parent.parent.name, cfg["lr"],

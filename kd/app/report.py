@@ -74,8 +74,7 @@ from kd.config import TrainConfig
 from kd.data import load_dataset_of_run
 from kd.engine import make_loader, resolve_device
 from kd.errors import KDError
-from kd.metrics import (adaptive_ece, c_neighbours, centre_distances, expected_calibration_error, reliability_bins,
-                        row_entropy_bits)
+from kd.metrics import c_neighbours, centre_distances, classification_metrics, reliability_bins, row_entropy_bits
 from teachers.network import load_teacher_network
 
 N_BINS = 15
@@ -566,11 +565,9 @@ def fig_features(rep: Report, srcs: list[Source], outs: dict[str, dict]) -> None
 def _reliability_panel(ax, logits: torch.Tensor, labels: torch.Tensor, title: str, legend: bool) -> tuple[dict, pd.DataFrame]:
     """One reliability diagram on ``ax``; its numbers (acc, ECE-15, adaptive ECE-15, NLL) and bins."""
     logits, labels = logits.float(), labels.long()
-    probs = logits.softmax(1)
-    bins = reliability_bins(probs, labels)
-    m = {"acc": float((logits.argmax(1) == labels).float().mean()), "ece_15": expected_calibration_error(probs, labels, N_BINS),
-         "adaptive_ece_15": adaptive_ece(probs, labels, N_BINS),
-         "nll": float(torch.nn.functional.cross_entropy(logits, labels))}
+    bins = reliability_bins(logits.softmax(1), labels, N_BINS)
+    c = classification_metrics(logits, labels, N_BINS)
+    m = {"acc": c["acc"], "ece_15": c["ece"], "adaptive_ece_15": c["aece"], "nll": c["nll"]}
     width = 1.0 / N_BINS
     centres = (bins["bin_lo"] + bins["bin_hi"]).to_numpy() / 2
     accs = bins["accuracy"].fillna(0).to_numpy()
