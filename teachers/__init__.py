@@ -21,12 +21,11 @@ from teachers.mbls import MarginLabelSmoothing
 from teachers.network import NetworkTeacher
 from teachers.ols import OnlineLabelSmoothing
 from teachers.onehot import OneHot
-from teachers.proxy import ProxyTeacher
+from teachers.proxy import DEFAULT_ALPHA, ProxyTeacher
 from teachers.smoothing import LabelSmoothing
 from teachers.tfkd import TfKDRegularization, TfKDSelf
 from teachers.zipf import ZipfLabelSmoothing
 
-DEFAULT_ALPHA = 0.1
 ENTRY_POINT_GROUP = "proxykd.sources"
 
 BUILTIN: tuple[type[TargetSource], ...] = (

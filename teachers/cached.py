@@ -109,7 +109,7 @@ class TopKCached(TargetSource):
         """N = ``num_train`` (default 10,000) random rows: k distinct classes (``top_k`` option, default
         10) holding a random mass in [0.5, 1), without ever drawing an N x K table."""
         n, k_classes = ctx.num_train or 10_000, ctx.num_classes
-        top_k = check_top_k(int(ctx.option("top_k", min(10, k_classes - 1))), k_classes, "top_k")
+        top_k = check_top_k(int(ctx.options.get("top_k") or min(10, k_classes - 1)), k_classes, "top_k")
         g = torch.Generator().manual_seed(0)
         indices = distinct_random_indices(n, top_k, k_classes, g)
         q = torch.rand(n, top_k, generator=g) + 1e-3

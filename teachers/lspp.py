@@ -53,8 +53,8 @@ class LSPPLoss(TargetSource):
 
     @classmethod
     def stand_in(cls, ctx: SourceContext) -> "LSPPLoss":
-        return cls(ctx.num_classes, cls.value(ctx, "alpha"), fused=ctx.option("fused", True),
-                   compiled=ctx.option("compiled", False))
+        return cls(ctx.num_classes, cls.value(ctx, "alpha"), fused=ctx.options.get("fused", True),
+                   compiled=ctx.options.get("compiled", False))  # `kd bench` rows' settings
 
     def __init__(self, num_classes: int, alpha: float = 0.1, fused: bool = True, compiled: bool = False):
         """How the two terms are computed: the one-node :class:`_LSPPTerms` (``fused``, the default),

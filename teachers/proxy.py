@@ -25,6 +25,15 @@ from kd.errors import KDError
 from kd.sources import SourceContext, TableSource, TargetSource, fraction
 
 TOPK_FORMAT = "proxykd-c-matrix-topk-v1"
+#: A proxy's alpha where neither the user nor the C-matrix's file gives one (a matrix in memory, a stand-in).
+DEFAULT_ALPHA = 0.1
+
+
+def proxy_alpha(given: float | None, recorded: float | None = None) -> float:
+    """The one rule for a proxy's alpha: the one given (``--alpha``), else the one its C-matrix's file (or the run
+    it comes from) records, else :data:`DEFAULT_ALPHA`; checked against the option's bounds."""
+    alpha = given if given is not None else recorded if recorded is not None else DEFAULT_ALPHA
+    return ProxyTeacher.option("alpha").check(alpha, ProxyTeacher.name)
 
 
 class ProxyTeacher(TableSource):
@@ -38,7 +47,7 @@ class ProxyTeacher(TableSource):
     @classmethod
     def from_spec(cls, arg: str, ctx: SourceContext) -> "ProxyTeacher":
         if "c_matrix" in ctx.artifacts:  # a matrix in memory (Python)
-            return cls(ctx.artifacts["c_matrix"], cls.value(ctx, "alpha") or 0.1)
+            return cls(ctx.artifacts["c_matrix"], proxy_alpha(cls.value(ctx, "alpha")))
         if not arg:
             raise KDError("teacher 'proxy' needs a path: proxy:PATH (a c_matrix.safetensors or an LS++ run directory)")
         src = load_proxy(arg, alpha=cls.value(ctx, "alpha"), num_classes=ctx.num_classes)
@@ -51,7 +60,7 @@ class ProxyTeacher(TableSource):
     def stand_in(cls, ctx: SourceContext) -> "ProxyTeacher":
         k = ctx.num_classes
         c = torch.rand(k, k, generator=torch.Generator().manual_seed(0)).fill_diagonal_(0)
-        return cls(c.div_(c.sum(1, keepdim=True)), ctx.option("alpha", 0.1))  # in place: K x K is 1.9 GB at K=21,841
+        return cls(c.div_(c.sum(1, keepdim=True)), proxy_alpha(cls.value(ctx, "alpha")))  # in place: K x K is 1.9 GB at K=21,841
 
     def __init__(self, c_matrix: torch.Tensor, alpha: float = 0.1, meta: dict | None = None):
         """``c_matrix``: K x K, rows probability vectors (a detached copy is kept: the C of an LS++ source that
@@ -90,9 +99,9 @@ def load_proxy(path: str | Path, alpha: float | None = None,
         k_classes = c.shape[0]
     if num_classes is not None and k_classes != num_classes:
         raise KDError(f"{path}: the C-matrix has K={k_classes} classes but the data set has {num_classes}")
-    a = alpha if alpha is not None else meta.get("alpha")
-    if a is None:
+    if alpha is None and meta.get("alpha") is None:
         raise KDError(f"{path} records no alpha; pass --alpha")
+    a = proxy_alpha(alpha, meta.get("alpha"))
     if meta.get("format") == TOPK_FORMAT:
         return TopKProxy(values, indices, a, meta)
     return ProxyTeacher(c, a, meta)
@@ -249,11 +258,11 @@ class TopKProxy(TargetSource):
     def stand_in(cls, ctx: SourceContext) -> "TopKProxy":
         """Random rows of k distinct off-diagonal classes (``top_k`` option, default 10), summing to 1."""
         k_classes = ctx.num_classes
-        top_k = check_top_k(int(ctx.option("top_k", min(10, k_classes - 1))), k_classes, "top_k")
+        top_k = check_top_k(int(ctx.options.get("top_k") or min(10, k_classes - 1)), k_classes, "top_k")
         g = torch.Generator().manual_seed(0)
         indices = distinct_random_indices(k_classes, top_k, k_classes, g, skip=torch.arange(k_classes))
         values = torch.rand(k_classes, top_k, generator=g) + 1e-3
-        return cls(values / values.sum(1, keepdim=True), indices, ctx.option("alpha", 0.1))
+        return cls(values / values.sum(1, keepdim=True), indices, proxy_alpha(cls.value(ctx, "alpha")))
 
     def __init__(self, values: torch.Tensor, indices: torch.Tensor, alpha: float = 0.1, meta: dict | None = None):
         values = torch.as_tensor(values, dtype=torch.float32)

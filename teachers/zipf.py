@@ -38,12 +38,6 @@ class ZipfLabelSmoothing(TargetSource):
                Option("power", "Zipf exponent: the non-target class of rank r gets r^-power before renormalising",
                       1.0, low=0.0, low_open=True))
 
-    @classmethod
-    def from_spec(cls, arg: str, ctx: SourceContext) -> "ZipfLabelSmoothing":
-        if arg:
-            raise KDError(f"teacher 'zipf-ls' takes no argument, got 'zipf-ls:{arg}'; use --alpha and --power")
-        return cls(ctx.num_classes, cls.value(ctx, "alpha"), cls.value(ctx, "power"))
-
     def __init__(self, num_classes: int, alpha: float = 0.1, power: float = 1.0):
         if num_classes < 2:
             raise KDError(f"zipf-ls needs at least 2 classes, got {num_classes}")

@@ -135,7 +135,7 @@ def config_from_args(args: argparse.Namespace, skip: tuple[str, ...] = ()) -> Tr
     names = teachers.option_names()
     given = {k: v for k, v in vars(args).items()
              if (k in TrainConfig.__dataclass_fields__ or k in names) and k not in skip and k != "options"}
-    return cfg.updated(given, where="flags", option_names=names).validate()
+    return cfg.updated(given, where="flags", option_names=names)  # checked once, by the job
 
 
 def _train(args, student: bool) -> int:
@@ -146,12 +146,11 @@ def _train(args, student: bool) -> int:
                                                 for k in vars(args)):
             raise KDError("--resume continues a run with its own config.yaml; give only --out (and --lr to lower "
                           "the learning rate, --quiet)")
-        cfg = TrainConfig.from_dict(resumable_config(args.out), where=f"{args.out}/config.yaml",
-                                    option_names=names).validate()
+        cfg = TrainConfig.from_dict(resumable_config(args.out), where=f"{args.out}/config.yaml", option_names=names)
         source = cfg.teacher.partition(":")[0] if student and cfg.teacher else cfg.method
         cfg = replace(cfg, options=teachers.declared_options(source, cfg.options))
         if "lr" in vars(args):  # e.g. after a diverged epoch: continue from the last good checkpoint, slower
-            cfg = cfg.updated({"lr": args.lr}).validate()
+            cfg = cfg.updated({"lr": args.lr})
     else:
         cfg = config_from_args(args)
     job = distill_job if student else train_teacher_job
@@ -344,7 +343,10 @@ def _proxy_parser(sub) -> None:
     e.add_argument("--dataset", default=None, help="with --model: the data set the network runs on (a run's own by default)")
     e.add_argument("--from", dest="source", choices=["auto", "learned", "measured"], default="auto",
                    help="auto: learned where the run has one, else measured")
-    e.add_argument("--alpha", type=float, default=None, help="alpha stored with the proxy (default: the run's, else 0.1)")
+    alpha = teachers.SOURCES["proxy"].option("alpha")  # the proxy's own option: its flag, type and check
+    e.add_argument(alpha.flag, type=alpha.type, default=None,
+                   help=f"weight of C in the target, stored with the proxy ({alpha.bounds()}; default: the run's, "
+                   f"else {teachers.DEFAULT_ALPHA:g})")
     e.add_argument("--data-root", default=None)
     _device_flag(e)
     e.add_argument("--top-k", type=int, default=None, metavar="K",
