@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import numbers
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -82,10 +83,24 @@ def start_run(out: str | Path, config: dict[str, Any]) -> Path:
     return run_dir
 
 
-def atomic_write(path: Path, text: str) -> None:
+@contextmanager
+def atomic_file(path: str | Path):
+    """The one way proxykd replaces a file: the block writes the path it is given (a ``.tmp`` beside ``path``),
+    which is then renamed over ``path``, so a reader never sees half a file; if the block fails, the ``.tmp`` is
+    removed and ``path`` is left as it was."""
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write(path: str | Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically (:func:`atomic_file`)."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def _file_mode() -> int:
@@ -98,11 +113,9 @@ def _file_mode() -> int:
 def save_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Write a safetensors file atomically (a ``.tmp`` beside it, then a rename: a reader never sees half a file)
     with the mode the umask gives a new file (the safetensors writer alone makes it 0600, unreadable to others)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.chmod(tmp, _file_mode())
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.chmod(tmp, _file_mode())
 
 
 def write_config(run_dir: Path, config: dict[str, Any]) -> None:

@@ -36,6 +36,7 @@ from torch import nn
 
 from kd.data import DataSplit, DatasetInfo
 from kd.errors import KDError
+from kd.runs import atomic_write
 
 TEXT_PREFIX = "text:"
 HF_PREFIX = "hf:"
@@ -177,10 +178,8 @@ class TextTokenizer:
         return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()
 
     def save(self, path: Path) -> Path:
-        """Write the JSON form to ``path`` (atomically: a ``.tmp`` beside it, then a rename)."""
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_json(), ensure_ascii=False) + "\n", encoding="utf-8")
-        tmp.replace(path)
+        """Write the JSON form to ``path`` (atomically, :func:`kd.runs.atomic_write`)."""
+        atomic_write(path, json.dumps(self.to_json(), ensure_ascii=False) + "\n")
         return path
 
 
@@ -388,8 +387,8 @@ class TextDataset(torch.utils.data.Dataset):
 
 def find_text_files(path: Path) -> tuple[Path, Path]:
     """(training file, evaluation file) of a text folder: train.* and val.* (else test.*), one of each."""
-    layout = (f"put PATH/train.csv and PATH/test.csv (or .tsv, .jsonl, .json; val.* in place of test.*) with "
-              f"a text and a label column")
+    layout = ("put PATH/train.csv and PATH/test.csv (or .tsv, .jsonl, .json; val.* in place of test.*) with "
+              "a text and a label column")
     if not path.is_dir():
         raise KDError(f"text folder {path} " + ("is not a folder" if path.exists() else "does not exist") + f"; {layout}")
 

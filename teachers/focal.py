@@ -15,8 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kd.errors import KDError
-from kd.sources import Option, SourceContext, TargetSource, label_matrix
+from kd.sources import Option, TargetSource, label_matrix
 
 _TINY = torch.finfo(torch.float32).tiny
 

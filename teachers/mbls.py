@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from kd.errors import KDError
 from kd.losses import soft_cross_entropy
-from kd.sources import Option, SourceContext, TargetSource, label_matrix
+from kd.sources import Option, TargetSource, label_matrix
 
 
 class MarginLabelSmoothing(TargetSource):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from kd.errors import KDError
 from kd.losses import soft_cross_entropy
-from kd.sources import Option, SourceContext, TargetSource, label_matrix
+from kd.sources import Option, TargetSource, label_matrix
 
 
 def zipf_ranks(logits: torch.Tensor) -> torch.Tensor:

@@ -74,6 +74,7 @@ from kd.config import TrainConfig
 from kd.data import load_dataset_of_run
 from kd.engine import make_loader, resolve_device
 from kd.errors import KDError
+from kd.tables import frame_table
 from kd.metrics import c_neighbours, centre_distances, classification_metrics, reliability_bins, row_entropy_bits
 from teachers.network import load_teacher_network
 
@@ -470,7 +471,7 @@ def fig_c_matrix(rep: Report, srcs: list[Source]) -> None:
             df = top_neighbours(s.c, s.class_names)
             ncsv.append(rep.csv(f"c_neighbours_{_slug(s.label)}.csv", df))
             tables.append(f"**{s.label}**: each class's {TOP_K} strongest non-target classes in C (weight)\n\n"
-                          + _md_table(df))
+                          + frame_table(df))
     if k > MAX_K_HEATMAP or any(len(s.c) != k for s in srcs):
         rep.section("1. C-matrix: strongest neighbours per class", None,
                     f"K = {k} is too many classes for a readable heatmap; the tables list, per class, the "
@@ -748,13 +749,6 @@ def fig_ablation(rep: Report, srcs: list[Source]) -> None:
 
 def _slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]+", "_", s).strip("_") or "run"
-
-
-def _md_table(df: pd.DataFrame) -> str:
-    head = "| " + " | ".join(df.columns) + " |"
-    sep = "|" + "|".join("---" for _ in df.columns) + "|"
-    body = ["| " + " | ".join(str(v) for v in row) + " |" for row in df.itertuples(index=False)]
-    return "\n".join([head, sep, *body])
 
 
 def make_report(inputs: list[str | Path], out: str | Path, bench: list[str | Path] = (), cache: str | Path | None = None,
