@@ -31,9 +31,9 @@ from torch import nn
 import teachers
 from kd.config import TrainConfig
 from kd.data import ImageTensors, dataset_info, load_dataset
-from kd.engine import (AMP_DTYPES, compile_options, compile_step, machine_name, make_accelerator, make_loader,
-                       compiled_optimizer_step,
-                       prepare_training, resolve_device)
+from kd.data import make_loader
+from kd.engine import (AMP_DTYPES, compile_options, compile_step, compiled_optimizer_step, machine_name,
+                       make_accelerator, prepare_training, resolve_device)
 from kd.errors import KDError
 from kd.models import create_model
 from kd.sources import SourceContext, TargetSource

@@ -139,7 +139,7 @@ class TargetSource(nn.Module):
     needs_inputs: ClassVar[bool] = False
     #: True when the source needs the sample indices (cached teacher outputs).
     needs_index: ClassVar[bool] = False
-    #: For ``needs_index`` sources: True when ``index`` may be a ``kd.augment.MixedIndex`` (mixup/cutmix).
+    #: For ``needs_index`` sources: True when ``index`` may be a ``kd.data.augment.MixedIndex`` (mixup/cutmix).
     mixes_index: ClassVar[bool] = False
     #: Options the source reads from ``SourceContext.options`` (CLI flags, YAML keys and checks come from these).
     options: ClassVar[tuple[Option, ...]] = ()

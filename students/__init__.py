@@ -39,7 +39,7 @@ _CLI_FIELDS = {
     "download": "kd.data.load_dataset(NAME, download=True) fetches a named data set",
     "pretrained": "build the model with kd.models.build_model(NAME, K, pretrained=True)",
     **{name: "encode the text yourself, or load a text folder with kd.data.load_dataset('text:PATH', "
-       "text=kd.text.TextOptions(...))" for name in ("text_column", "label_column", "tokenizer", "max_length",
+       "text=kd.data.text.TextOptions(...))" for name in ("text_column", "label_column", "tokenizer", "max_length",
                                                      "hash_buckets", "word_ngrams", "char_ngrams", "max_vocab")},
 }
 

@@ -20,7 +20,7 @@ from safetensors import safe_open
 from kd import runs
 from kd.errors import KDError
 from kd.losses import soft_cross_entropy
-from kd.augment import MixedIndex
+from kd.data.augment import MixedIndex
 from kd.sources import SourceContext, TargetSource
 from teachers.proxy import (_has_duplicates, artifact_format, check_top_k, distinct_random_indices, index_dtype,
                             sparse_soft_cross_entropy)

@@ -323,15 +323,17 @@ def off_diagonal_normalised(m: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def class_mean_probabilities(probs: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """K x K matrix whose row k is the mean of ``probs`` over the samples of class k."""
-    probs = probs.double()
+def class_mean_probabilities(probs: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                             empty_rows: bool = False) -> torch.Tensor:
+    """K x K matrix (float64) whose row k is the mean of ``probs`` over the samples of class k. A class without
+    samples is a one-line KDError, or with ``empty_rows`` a row of zeros (a figure shows it empty)."""
+    probs, labels = probs.double(), labels.long()
     sums = torch.zeros(num_classes, probs.shape[1], dtype=torch.float64, device=probs.device).index_add_(0, labels, probs)
     counts = torch.bincount(labels, minlength=num_classes).double().unsqueeze(1)
-    if (counts == 0).any():
+    if (counts == 0).any() and not empty_rows:
         missing = int((counts.squeeze(1) == 0).nonzero()[0])
         raise KDError(f"class {missing} has no training samples; cannot measure its proxy row")
-    return sums / counts
+    return sums / counts.clamp(min=1)
 
 
 def measure_c_matrix(probs: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:

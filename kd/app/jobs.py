@@ -19,7 +19,7 @@ from kd.engine import FitResult, predict, resolve_device
 from kd.errors import KDError
 from kd.lock import run_lock
 from kd.seeding import seeded
-from kd.text import (TOKENIZER_FILE, check_model_fits, check_teacher_tokenizer, hf_path, save_run_tokenizer,
+from kd.data.text import (TOKENIZER_FILE, check_model_fits, check_teacher_tokenizer, hf_path, save_run_tokenizer,
                      text_meta, text_options, text_path)
 from students import run_distill, run_teacher, teacher_source
 from teachers import make_source, teacher_from_spec

@@ -71,12 +71,13 @@ from safetensors import SafetensorError, safe_open
 from kd import runs
 from kd.calibration import read_calibration, scaled
 from kd.config import TrainConfig
-from kd.data import load_dataset_of_run
-from kd.engine import make_loader, resolve_device
+from kd.data import load_dataset_of_run, make_loader
+from kd.engine import predict, resolve_device
 from kd.errors import KDError
-from kd.tables import frame_table
 from kd.metrics import c_neighbours, centre_distances, classification_metrics, reliability_bins, row_entropy_bits
+from kd.tables import frame_table
 from teachers.network import load_teacher_network
+from teachers.proxy import class_mean_probabilities
 
 N_BINS = 15
 DPI = 100
@@ -240,12 +241,9 @@ def compute_outputs(src: Source, data_root: str | None, device: str, points: int
     forward = penultimate(model)
     cfg = TrainConfig(batch_size=512, augment=False, num_workers=0)
     k = int(meta["num_classes"])
-    sums, counts = torch.zeros(k, k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64)
-    for x, y, _ in make_loader(split.train, split.info, cfg, train=False, device=dev):
-        p = model(x.to(dev)).float().softmax(1).double().cpu()
-        y = y.cpu().long()
-        sums.index_add_(0, y, p)
-        counts += torch.bincount(y, minlength=k).double()
+    train_logits, train_labels = predict(model, split.train, split.info, device=dev)
+    train_labels = train_labels.cpu().long()
+    class_probs = class_mean_probabilities(train_logits.float().softmax(1).cpu(), train_labels, k, empty_rows=True)
     n_test = len(split.test)
     subset = torch.sort(torch.randperm(n_test, generator=torch.Generator().manual_seed(SUBSET_SEED))[:points]).values
     keep = torch.zeros(n_test, dtype=torch.bool)
@@ -260,7 +258,7 @@ def compute_outputs(src: Source, data_root: str | None, device: str, points: int
         feat_idx.append(idx.cpu()[sel])
     test_labels = torch.cat(labels)
     feat_idx_t = torch.cat(feat_idx).long()
-    return {"train_class_probs": sums / counts.clamp(min=1)[:, None], "train_class_counts": counts.long(),
+    return {"train_class_probs": class_probs, "train_class_counts": torch.bincount(train_labels, minlength=k),
             "test_logits": torch.cat(logits), "test_labels": test_labels,
             "features": torch.cat(feats), "feature_index": feat_idx_t, "feature_labels": test_labels[feat_idx_t]}
 

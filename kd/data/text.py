@@ -1,4 +1,4 @@
-"""Text classification: a user's own ``text:PATH`` data set, its tokenizer, and the text models.
+"""Text data: a user's own ``text:PATH`` data set and its tokenizer (the text models are in :mod:`kd.models`).
 
 ``PATH/train.*`` and ``PATH/val.*`` (or ``test.*``) are CSV, TSV, JSON Lines or JSON files with a text column and
 a label column (``--text-column``, ``--label-column``; default ``text`` and ``label``). Labels are names or
@@ -12,7 +12,7 @@ students, its cache, its proxy export, ``kd report``) encodes with that file, so
 
 A text data set is a map-style :class:`TextDataset` of variable-length token-id tensors; its ``collate`` pads
 each batch to its longest sequence (id :data:`PAD_ID`) after cutting each at the tokenizer's ``max_length``.
-The models (:class:`FastText`, :class:`TextTransformer`, ``hf:DIR``) find the padding by its id.
+The models (:class:`kd.models.FastText`, :class:`kd.models.TextTransformer`, ``hf:DIR``) find the padding by its id.
 
 For the model table a text data set's "channels" are its token ids (``DatasetInfo.channels`` = vocabulary
 size) and its "image size" is the maximum sequence length, so ``create_model(name, K, vocab_size, max_length)``
@@ -32,9 +32,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from torch import nn
 
-from kd.data import DataSplit, DatasetInfo
+from kd.data.tensors import DataSplit, DatasetInfo
 from kd.errors import KDError
 from kd.runs import atomic_write
 
@@ -263,15 +262,15 @@ class HFTokenizer(TextTokenizer):
     kind = "hf"
 
     def __init__(self, directory: Path, max_length: int = 256):
-        transformers = _transformers()
+        transformers = transformers_module()
         self.directory = Path(directory).expanduser().resolve()
-        _check_hf_dir(self.directory)
+        check_hf_dir(self.directory)
         try:
-            with _quiet_transformers(transformers):
+            with quiet_transformers(transformers):
                 self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(self.directory), local_files_only=True)
                 config = transformers.AutoConfig.from_pretrained(str(self.directory), local_files_only=True)
         except (OSError, ValueError, KeyError) as e:
-            raise KDError(f"cannot load the tokenizer of {self.directory} ({_first_line(e)}); it needs the "
+            raise KDError(f"cannot load the tokenizer of {self.directory} ({first_line(e)}); it needs the "
                           f"tokenizer files save_pretrained writes") from None
         limits = [int(max_length), int(getattr(config, "max_position_embeddings", 0) or 0),
                   int(min(self.tokenizer.model_max_length or 0, 10 ** 9))]
@@ -300,7 +299,7 @@ def read_tokenizer(path: str | Path) -> TextTokenizer:
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise KDError(f"{p} is not a readable tokenizer file ({_first_line(e)})") from None
+        raise KDError(f"{p} is not a readable tokenizer file ({first_line(e)})") from None
     if not isinstance(data, dict) or data.get("format") != TOKENIZER_FORMAT:
         raise KDError(f"{p} is not a proxykd tokenizer file (format {TOKENIZER_FORMAT}); for a Hugging Face "
                       f"tokenizer give hf:DIR")
@@ -311,7 +310,7 @@ def read_tokenizer(path: str | Path) -> TextTokenizer:
             return NgramTokenizer(int(data["word_ngrams"]), int(data["char_ngrams"]), int(data["buckets"]),
                                   int(data["max_length"]), [str(f) for f in data["vocab"]])
     except (KeyError, TypeError, ValueError) as e:
-        raise KDError(f"{p}: missing or malformed entry ({_first_line(e)})") from None
+        raise KDError(f"{p}: missing or malformed entry ({first_line(e)})") from None
     raise KDError(f"{p}: unknown tokenizer kind '{data.get('kind')}' (ngram or hf)")
 
 
@@ -407,7 +406,7 @@ def find_text_files(path: Path) -> tuple[Path, Path]:
     return train, test
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
@@ -428,7 +427,7 @@ def _table(path: Path, text: str):
     except pd.errors.EmptyDataError:
         raise KDError(f"{path} is empty; it needs a header row and one row per sample") from None
     except (pd.errors.ParserError, ValueError) as e:
-        raise KDError(f"{path} is not readable as {path.suffix[1:].upper()} ({_first_line(e)})") from None
+        raise KDError(f"{path} is not readable as {path.suffix[1:].upper()} ({first_line(e)})") from None
 
 
 def _cell(v: Any) -> str:
@@ -558,7 +557,7 @@ def check_teacher_tokenizer(spec: str, split: DataSplit, run_dir: Path) -> None:
     try:
         theirs = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise KDError(f"{file} is not a readable tokenizer file ({_first_line(e)})") from None
+        raise KDError(f"{file} is not a readable tokenizer file ({first_line(e)})") from None
     if theirs != tok.to_json():
         raise KDError(f"teacher {spec} reads the token ids of its own tokenizer ({file}), and this student's text is "
                       f"encoded otherwise (--tokenizer, a tokenizer option or an hf:DIR student): drop those, or "
@@ -575,52 +574,10 @@ def check_model_fits(name: str, info: DatasetInfo) -> None:
 
 
 # ---------------------------------------------------------------------------------------
-# Models
+# hf:DIR: a local Hugging Face directory (its tokenizer here, its model in kd.models)
 
 
-class FastText(nn.Module):
-    """fastText's classifier (Joulin et al. 2017): the mean of the token embeddings (padding left out), then a
-    linear layer."""
-
-    def __init__(self, vocab_size: int, num_classes: int, dim: int = 64, pad_id: int = PAD_ID):
-        super().__init__()
-        self.embedding = nn.EmbeddingBag(vocab_size, dim, mode="mean", padding_idx=pad_id)
-        nn.init.uniform_(self.embedding.weight, -1.0 / dim, 1.0 / dim)
-        with torch.no_grad():
-            self.embedding.weight[pad_id].zero_()
-        self.fc = nn.Linear(dim, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.embedding(x))
-
-
-class TextTransformer(nn.Module):
-    """A small pre-norm transformer encoder: token and learned position embeddings, ``layers`` encoder layers
-    with the padding masked, a final layer norm, the mean over real tokens, then a linear layer."""
-
-    def __init__(self, vocab_size: int, num_classes: int, max_length: int = 256, dim: int = 64, heads: int = 4,
-                 layers: int = 2, dropout: float = 0.1, pad_id: int = PAD_ID):
-        super().__init__()
-        self.pad_id, self.max_length = pad_id, max_length
-        self.embedding = nn.Embedding(vocab_size, dim, padding_idx=pad_id)
-        self.position = nn.Embedding(max_length, dim)
-        layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout, batch_first=True, norm_first=True)
-        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(dim)
-        self.fc = nn.Linear(dim, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[1] > self.max_length:
-            raise KDError(f"a batch of {x.shape[1]} tokens per sample reached a text-transformer of "
-                          f"{self.max_length} positions; the data set's collate cuts sequences at its max_length")
-        pad = x == self.pad_id
-        h = self.embedding(x) + self.position(torch.arange(x.shape[1], device=x.device))
-        h = self.norm(self.encoder(h, src_key_padding_mask=pad))
-        keep = (~pad).unsqueeze(-1).to(h.dtype)
-        return self.fc((h * keep).sum(1) / keep.sum(1).clamp_min(1.0))
-
-
-def _transformers():
+def transformers_module():
     try:
         import transformers
     except ImportError:
@@ -629,7 +586,7 @@ def _transformers():
     return transformers
 
 
-class _quiet_transformers:
+class quiet_transformers:
     """transformers' own logging at error level for the duration (its load report is not proxykd's output)."""
 
     def __init__(self, transformers):
@@ -643,38 +600,7 @@ class _quiet_transformers:
         self.logging.set_verbosity(self.level)
 
 
-def _check_hf_dir(directory: Path) -> None:
+def check_hf_dir(directory: Path) -> None:
     if not (directory / "config.json").is_file():
         raise KDError(f"hf:{directory}: " + ("no config.json in it" if directory.is_dir() else "no such folder")
                       + "; give a local Hugging Face model directory (save_pretrained's files)")
-
-
-class HFClassifier(nn.Module):
-    """A Hugging Face sequence-classification model as a proxykd model: B x L token ids in (padding marked by
-    ``pad_id``, turned into the attention mask), B x K logits out."""
-
-    def __init__(self, model: nn.Module, pad_id: int):
-        super().__init__()
-        self.model, self.pad_id = model, int(pad_id)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=x, attention_mask=(x != self.pad_id).long()).logits
-
-
-def hf_classifier(directory: Path, num_classes: int) -> HFClassifier:
-    """The directory's sequence-classification model with ``num_classes`` outputs (a classifier of another
-    size is re-initialised), loaded from local files only."""
-    transformers = _transformers()
-    directory = Path(directory).expanduser().resolve()
-    _check_hf_dir(directory)
-    try:
-        with _quiet_transformers(transformers):
-            tok = transformers.AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
-            model = transformers.AutoModelForSequenceClassification.from_pretrained(
-                str(directory), num_labels=num_classes, ignore_mismatched_sizes=True, local_files_only=True)
-    except (OSError, ValueError, KeyError) as e:
-        raise KDError(f"cannot load hf:{directory} as a sequence classifier ({_first_line(e)})") from None
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    if getattr(model.config, "pad_token_id", None) is None:
-        model.config.pad_token_id = int(pad)  # models that pool the last real token look for it
-    return HFClassifier(model, int(pad))

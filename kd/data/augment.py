@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kd.data import TensorLoader
+from kd.data.tensors import TensorLoader
 from kd.errors import KDError
 
 
