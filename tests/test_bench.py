@@ -204,10 +204,10 @@ def test_compiled_rows_sit_beside_eager_ones_and_compile_outside_the_timing():
     assert df["source"].tolist() == ["onehot", "onehot+compile", "network", "network+compile"]
     assert df["compiled"].tolist() == [False, True, False, True]
     first = df.set_index("source")
-    # compilation is timed apart, and takes far longer than the compiled step it made (a row that did not compile
-    # would show one step's time here)
-    assert first.loc["onehot+compile", "compile_s"] > 20 * first.loc["onehot+compile", "step_ms_max"] / 1000
-    assert pd.isna(first.loc["onehot", "compile_s"])
+    # the compiled row's first step made graphs (a row that did not compile has none and is marked fell back),
+    # and that step is timed apart: compile_s on compiled rows only
+    assert first.loc["onehot+compile", "compiled_graphs"] > 0 and not first.loc["onehot+compile", "fell_back"]
+    assert not pd.isna(first.loc["onehot+compile", "compile_s"]) and pd.isna(first.loc["onehot", "compile_s"])
     # compiled rows take their ratio against compiled 1-hot
     assert first.loc["onehot+compile", "ratio_vs_onehot"] == pytest.approx(1.0)
     text = markdown(df)
