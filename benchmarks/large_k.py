@@ -40,14 +40,16 @@ from torch import nn
 
 import teachers
 from benchmarks.cost import Cycle, framework_runner, sync, timed_repeats, timing_columns, warm_up
-from kd import runs
+from kd import cmatrix
 from kd.config import TrainConfig
 from kd.engine import machine_name, resolve_device
 from kd.errors import KDError
 from kd.sources import SourceContext, TargetSource
-from teachers.cached import CachedTeacher, TopKCached, save_cache, write_topk_cache
+from teachers.cached import CachedTeacher, save_cache
 from teachers.lspp import LSPPLoss
-from teachers.proxy import ProxyTeacher, TopKProxy, save_topk_c_matrix
+from kd.cmatrix import save_topk_c_matrix
+from teachers.proxy import ProxyTeacher
+from teachers.topk import TopKCached, TopKProxy, write_topk_cache
 
 PRESET = "large-k"
 FEATURES = 512
@@ -95,7 +97,7 @@ def artifact_sizes(row: str, source: TargetSource) -> tuple[int, int, str]:
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "artifact.safetensors"
         if row == "proxy":
-            runs.save_c_matrix(path, source.c_matrix, source.alpha, names, {"source": "stand-in"})
+            cmatrix.save_c_matrix(path, source.c_matrix, source.alpha, names, {"source": "stand-in"})
             tensors = [source.c_matrix]
         elif row == "proxy-topk":
             save_topk_c_matrix(path, source.c_values, source.c_indices, source.alpha, names, {"source": "stand-in"})

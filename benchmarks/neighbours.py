@@ -11,7 +11,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from kd import runs
+from kd import cmatrix
 from kd.data import load_dataset_of_run
 from kd.engine import predict
 from kd.errors import KDError
@@ -22,7 +22,7 @@ from teachers.network import load_teacher_network
 
 
 def neighbour_table(lspp_run: str | Path, onehot_run: str | Path) -> tuple[str, int, int]:
-    c, meta = runs.load_c_matrix(lspp_run)
+    c, meta = cmatrix.load_c_matrix(lspp_run)
     names = meta["class_names"]
     model, s = load_teacher_network(onehot_run)
     split = load_dataset_of_run(s)

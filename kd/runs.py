@@ -155,43 +155,6 @@ def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise KDError(f"{path} is not a readable safetensors file ({e}); it may be truncated, re-create it") from None
 
 
-def save_c_matrix(path: Path, c_matrix: torch.Tensor, alpha: float, class_names: list[str],
-                  extra: dict[str, str] | None = None) -> None:
-    """A standalone C-matrix artifact: tensor ``c_matrix`` (K x K probabilities) plus metadata."""
-    meta = {"alpha": repr(float(alpha)), "class_names": json.dumps(list(class_names)), "format": "proxykd-c-matrix-v1"}
-    meta.update(extra or {})
-    save_safetensors(path, {"c_matrix": c_matrix.detach().float().cpu().contiguous()}, meta)
-
-
-def load_c_matrix(path: str | Path) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Read and check a C-matrix artifact; returns (K x K tensor, metadata with alpha and class names)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / C_MATRIX
-    tensors = load_safetensors(path)
-    if "c_matrix" not in tensors:
-        raise KDError(f"{path} holds no tensor named 'c_matrix'; export one with `kd proxy export`")
-    with safe_open(str(path), framework="pt") as f:
-        raw = f.metadata() or {}
-    c = tensors["c_matrix"].float()
-    if c.ndim != 2 or c.shape[0] != c.shape[1]:
-        raise KDError(f"{path}: c_matrix must be K x K, got shape {tuple(c.shape)}")
-    if not torch.isfinite(c).all() or (c < 0).any() or not torch.allclose(c.sum(1), torch.ones(len(c)), atol=1e-3):
-        raise KDError(f"{path}: c_matrix rows must be probability vectors (non-negative, summing to 1)")
-    return c, c_matrix_metadata(path, raw)
-
-
-def c_matrix_metadata(path, raw: dict[str, str]) -> dict[str, Any]:
-    """A C-matrix file's metadata with ``alpha`` (float or None) and ``class_names`` (list or None) parsed."""
-    meta: dict[str, Any] = dict(raw)
-    try:
-        meta["alpha"] = float(raw["alpha"]) if "alpha" in raw else None
-        meta["class_names"] = json.loads(raw["class_names"]) if "class_names" in raw else None
-    except (ValueError, json.JSONDecodeError):
-        raise KDError(f"{path}: unreadable metadata (alpha, class_names)") from None
-    return meta
-
-
 def _plain(value: Any) -> Any:
     """A JSON-safe copy of a state_dict value made of numbers, strings, bools, None, lists and dicts
     (tuples are marked so they come back as tuples)."""

@@ -23,7 +23,7 @@ from torch import nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from kd import runs
+from kd import cmatrix, runs
 from kd.metrics import c_movement
 from kd.sources import SourceContext, TargetSource, fraction, spec_number
 
@@ -43,7 +43,7 @@ class LSPPLoss(TargetSource):
 
     def write_artifacts(self, run_dir, class_names, meta) -> None:
         """The learned C-matrix, for `--teacher proxy:RUN_DIR`."""
-        runs.save_c_matrix(run_dir / runs.C_MATRIX, self.c_matrix(), self.alpha, class_names,
+        cmatrix.save_c_matrix(run_dir / runs.C_MATRIX, self.c_matrix(), self.alpha, class_names,
                            {"source": "lspp-learned", "dataset": str(meta.get("dataset", ""))})
 
     @classmethod

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.cost import markdown, run_bench
-from kd import runs
+from kd import cmatrix, runs
 from kd.app.jobs import distill_job, train_teacher_job
 from kd.config import TrainConfig
 from kd.data import load_dataset
@@ -70,7 +70,7 @@ def c_neighbour_rows(c: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor
 
 def print_c_table(teacher_dir: Path, teacher_model: torch.nn.Module, device: str) -> None:
     """What the LS++ C-matrix learned, beside what the teacher network does on unseen data."""
-    c, meta = runs.load_c_matrix(teacher_dir)
+    c, meta = cmatrix.load_c_matrix(teacher_dir)
     names = meta["class_names"]
     split = load_dataset(DATASET)
     logits, labels = predict(teacher_model, split.test, split.info, device=resolve_device(device))

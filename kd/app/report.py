@@ -68,7 +68,7 @@ import pandas as pd
 import torch
 from safetensors import SafetensorError, safe_open
 
-from kd import runs
+from kd import cmatrix, runs
 from kd.calibration import read_calibration, scaled
 from kd.config import TrainConfig
 from kd.data import load_dataset_of_run, make_loader
@@ -132,7 +132,7 @@ def read_source(path: str | Path) -> Source:
         if p.suffix != ".safetensors":
             raise KDError(f"{p} is neither a run directory nor a .safetensors C-matrix file; give a finished run "
                           "directory (kd train-teacher / kd distill) or a c_matrix.safetensors file")
-        c, meta = runs.load_c_matrix(p)
+        c, meta = cmatrix.load_c_matrix(p)
         return Source(p, "c_file", c=c, c_meta=meta)
     if not p.is_dir():
         raise KDError(f"{p} does not exist; give a finished run directory or a c_matrix.safetensors file")
@@ -144,7 +144,7 @@ def read_source(path: str | Path) -> Source:
         raise KDError(f"{p} has no {runs.WEIGHTS}; the run did not finish, train it again into a new --out")
     src = Source(p, "run", summary=summary)
     if (p / runs.C_MATRIX).is_file():
-        src.c, src.c_meta = runs.load_c_matrix(p)
+        src.c, src.c_meta = cmatrix.load_c_matrix(p)
     return src
 
 

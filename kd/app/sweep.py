@@ -69,7 +69,7 @@ import pandas as pd
 import yaml
 
 import teachers
-from kd import runs
+from kd import cmatrix, runs
 from kd.calibration import CALIBRATION, read_calibration
 from kd.config import TrainConfig, load_yaml_config
 from kd.errors import KDError, NonFiniteError
@@ -748,7 +748,7 @@ def collect(spec, plan: Plan | None = None) -> pd.DataFrame:
             s = json.loads(p.read_text())
             cfg = yaml.safe_load((p.parent / runs.CONFIG).read_text()) or {}
             c_path = p.parent / runs.C_MATRIX
-            entropy = float(row_entropy_bits(runs.load_c_matrix(c_path)[0]).mean()) if c_path.is_file() else float("nan")
+            entropy = float(row_entropy_bits(cmatrix.load_c_matrix(c_path)[0]).mean()) if c_path.is_file() else float("nan")
             cal = read_calibration(p.parent) or {}
             source = run.get("lr_from", run["name"])
             val = sel[(sel["name"] == source) & (sel["lr"] == cfg.get("lr"))] if not sel.empty else sel
