@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 import teachers
-from benchmarks.cost import Cycle, framework_runner, sync, timed_repeats, timing_columns, warm_up
+from benchmarks.harness import Cycle, framework_runner, sync, timed_repeats, timing_columns, warm_up
 from kd import cmatrix
 from kd.config import TrainConfig
 from kd.engine import machine_name, resolve_device
@@ -121,7 +121,7 @@ def _batches(batch: int, k: int, n_cached: int, device, count: int = 4):
 
 
 def _time(runners, steps: int, repeats: int, warmup: int, dev, log) -> None:
-    """cost.run_bench's schedule: warm-up untimed, then :func:`benchmarks.cost.timed_repeats`."""
+    """cost.run_bench's schedule: warm-up untimed, then :func:`benchmarks.harness.timed_repeats`."""
     for r in runners:
         warm_up(r, warmup, dev)
     sync(dev)
@@ -152,7 +152,7 @@ def run_large_k(device: str = "cpu", ks=DEFAULT_KS, batch_size: int | None = Non
     same K) plus ``artifact_bytes`` / ``artifact_tensor_bytes`` / ``artifact_bytes_kind`` (the file
     on disk and the tensors in it) and ``source_buffer_bytes`` (what the source holds in memory).
     Dense rows (``proxy``, ``cached``) whose artifact tensor would exceed ``max_dense_bytes`` are
-    left out (logged). With ``compile_mode`` every row's step is compiled (``benchmarks.cost.compile_training``;
+    left out (logged). With ``compile_mode`` every row's step is compiled (``benchmarks.harness.compile_training``;
     reduce-overhead: replayed as CUDA graphs) and named with its suffix (``onehot+graphs``, ...).
     """
     sources = tuple(sources or DEFAULT_SOURCES)

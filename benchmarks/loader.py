@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from benchmarks.cost import sync
+from benchmarks.harness import sync
 from kd.config import TrainConfig
 from kd.data import load_dataset
 from kd.data import make_loader

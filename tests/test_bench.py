@@ -33,7 +33,7 @@ def test_timings_are_each_steps_own_duration_and_ratios_come_from_them(monkeypat
     per step (in ms), their medians, and the ratios and throughput they imply, computed here by hand."""
     from types import SimpleNamespace
 
-    from benchmarks import cost
+    from benchmarks import harness as cost
 
     clock = [0.0]
     monkeypatch.setattr(cost, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
@@ -48,7 +48,7 @@ def test_timings_are_each_steps_own_duration_and_ratios_come_from_them(monkeypat
         def step(x, y, idx):
             calls[name] += 1
             clock[0] += durations[name][(calls[name] - 1) // 3 % 3]  # 3 calls per round: 1 untimed + 2 timed
-        return cost._Runner(name, step, Batches())
+        return cost.Runner(name, step, Batches())
 
     rows = [make("onehot"), make("proxy")]
     cost.timed_repeats(rows, repeats=3, steps=2, mode="step", dev=torch.device("cpu"), log=None)
@@ -61,7 +61,7 @@ def test_timings_are_each_steps_own_duration_and_ratios_come_from_them(monkeypat
 
 
 def test_heavy_rows_are_timed_apart_and_every_timed_step_follows_one_of_its_own():
-    from benchmarks.cost import _Runner, paired_ratio, timed_repeats
+    from benchmarks.harness import Runner, paired_ratio, timed_repeats
 
     calls = []
 
@@ -70,7 +70,7 @@ def test_heavy_rows_are_timed_apart_and_every_timed_step_follows_one_of_its_own(
             return (None, None, None)
 
     def runner(name, phase="main"):
-        r = _Runner(name, lambda x, y, idx: calls.append(name), Batches())
+        r = Runner(name, lambda x, y, idx: calls.append(name), Batches())
         r.phase = phase
         return r
 
@@ -237,14 +237,14 @@ def test_every_compiled_row_compiles_its_own_step():
 
 
 def test_compiled_training_compiles_student_and_teacher_network():
-    from benchmarks.cost import compile_training, make_source
+    from benchmarks.harness import compile_training, stand_in_source
     from kd.config import TrainConfig
     from kd.engine import make_accelerator, prepare_training
     from kd.models import create_model
 
     cfg = TrainConfig(device="cpu", batch_size=8)
     teacher = create_model("lenet", 10, 1, 8)
-    src = make_source("network", 10, teacher, 100)
+    src = stand_in_source("network", 10, teacher, 100)
     tr = prepare_training(make_accelerator(cfg), create_model("lenet", 10, 1, 8), src, cfg, steps_per_epoch=10)
     compile_training(tr, backend="aot_eager")
     # the engine's compiled step (forward with the source's terms, and the optimiser step), and the teacher net

@@ -10,8 +10,6 @@ from dataclasses import replace
 import torch
 
 import teachers
-from benchmarks.cost import PRESETS, bench_rows, markdown, run_bench
-from benchmarks.loader import loader_ratio
 from kd.app.demo import run_demo
 from kd.app.jobs import cache_job, distill_job, export_proxy_job, train_teacher_job
 from kd.app.sweep import run_sweep, summary_table
@@ -228,6 +226,8 @@ def _cmd_large_k_bench(args) -> int:
 
 
 def _cmd_bench(args) -> int:
+    from benchmarks.cost import markdown, run_bench  # the benchmarks load where their verbs run
+
     out = check_new_file(args.out) if args.out else None
     sources = tuple(s.strip() for s in args.sources.split(",") if s.strip())
     df = run_bench(args.preset, args.device, args.batch_size, args.steps, args.repeats, args.warmup, args.amp,
@@ -240,6 +240,8 @@ def _cmd_bench(args) -> int:
 
 
 def _cmd_loader_bench(args) -> int:
+    from benchmarks.loader import loader_ratio
+
     out = check_new_file(args.out) if args.out else None
     r = loader_ratio(args.dataset, args.model, args.batch_size, args.repeats, args.data_root, args.device,
                      log=None if args.quiet else print, aa=args.aa, num_workers=args.num_workers)
@@ -399,12 +401,13 @@ def _timing_flags(p) -> None:
 
 
 def _bench_parser(sub) -> None:
-    rows = bench_rows()
+    rows = teachers.bench_rows()
     p = sub.add_parser("bench", help="time one training step per teacher source, side by side",
                        description="Time a full training step of a preset's student for each target source "
                        "(bare PyTorch loop, then every registered source on stand-in artifacts: " + ", ".join(rows[1:])
                        + "), interleaved over repeats; prints medians and ratios to onehot.")
-    p.add_argument("--preset", required=True, choices=list(PRESETS))
+    p.add_argument("--preset", required=True, help="the student, teacher and input shapes timed: a name in "
+                   "benchmarks/cost.py's PRESETS (an unknown name lists them)")
     _timing_flags(p)
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--sources", default=",".join(rows), help="comma-separated subset of " + ",".join(rows))

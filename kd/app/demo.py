@@ -23,7 +23,6 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.cost import markdown, run_bench
 from kd import cmatrix, runs
 from kd.app.jobs import distill_job, train_teacher_job
 from kd.config import TrainConfig
@@ -86,6 +85,8 @@ def print_c_table(teacher_dir: Path, teacher_model: torch.nn.Module, device: str
 
 def print_cost_table(device: str = "auto", steps: int = 3, repeats: int = 5) -> None:
     """What one student step costs with each teacher kind, measured side by side (see `kd bench`)."""
+    from benchmarks.cost import markdown, run_bench  # the benchmarks load where they run
+
     dev = resolve_device(device)
     print(f"\nCost of one student training step on {dev} (`kd bench --preset digits` for the full table)")
     df = run_bench("digits", dev, steps=steps, repeats=repeats, sources=("onehot", "proxy", "network"), log=None)
