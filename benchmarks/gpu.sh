@@ -5,7 +5,8 @@
 #   PARTS="epoch compile large-k" bash benchmarks/gpu.sh    # only some parts
 #   DEVICE=cpu AMP=none STEPS=1 REPEATS=1 SHORT_STEPS=1 SHORT_REPEATS=1 WARMUP=0 BATCH=2 EPOCH_SIZE=4 COMPILE_BACKEND=aot_eager \
 #     CLASSES=50,300 WHOLE_RUN_PRESETS=digits GRAPH_PRESETS=digits COMPILE_MODE=default E2E_DATASET=digits E2E_EPOCHS=1 \
-#     OUTDIR=/tmp/x bash benchmarks/gpu.sh   # logic check on CPU
+#     STEP_PRESETS=digits OUTDIR=/tmp/x bash benchmarks/gpu.sh   # logic check on CPU
+#   DRY_RUN=1 bash benchmarks/gpu.sh                        # print the commands, run and write nothing
 # Parts, with the wall time each took on one H200 (benchmarks/results/gpu_h200_*log.txt); about
 # 6 minutes in all there, so an H100 (slower memory) should stay under 8:
 #   steps    every preset, every source, STEPS x REPEATS                        (150 s)
@@ -39,20 +40,30 @@ GRAPH_PRESETS=${GRAPH_PRESETS:-fmnist-lenet cifar100-r34-r18}  # the graphs part
 E2E_DATASET=${E2E_DATASET:-fashion-mnist}
 E2E_EPOCHS=${E2E_EPOCHS:-15}
 WHOLE_RUN_PRESETS=${WHOLE_RUN_PRESETS:-tinyimagenet-r101-shufflenet fmnist-lenet}  # the epoch and compile parts
+STEP_PRESETS=${STEP_PRESETS:-tinyimagenet-r101-shufflenet cifar100-r34-r18 fmnist-lenet digits}  # the steps part
+DRY_RUN=${DRY_RUN:-}
 PARTS=${PARTS:-steps epoch compile large-k graphs e2e}
 OUTDIR=${OUTDIR:-benchmarks/results}
 PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
-name=$($PY - "$DEVICE" <<'PY'
+# run CMD...: run it, or with DRY_RUN print it (one line, shell-quoted)
+run() {
+  if [ -n "$DRY_RUN" ]; then printf '%q ' "$@"; echo; else "$@"; fi
+}
+if [ -n "$DRY_RUN" ]; then
+  name=$DEVICE  # no device is asked for its name
+else
+  name=$($PY - "$DEVICE" <<'PY'
 import re, sys, torch
 dev = sys.argv[1]
 n = torch.cuda.get_device_name(0) if dev == "cuda" else "cpu"
 print(re.sub(r"[^A-Za-z0-9]+", "-", n).strip("-").lower())
 PY
 )
-mkdir -p "$OUTDIR"
-$PY -c "import torch; print('torch', torch.__version__, '| cuda', torch.version.cuda, '|', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')"
+  mkdir -p "$OUTDIR"
+  $PY -c "import torch; print('torch', torch.__version__, '| cuda', torch.version.cuda, '|', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')"
+fi
 
 # bench TAG PRESET ARGS...: one CSV, never overwriting an earlier one
 bench() {
@@ -62,7 +73,7 @@ bench() {
   echo "== $preset$tag -> $out"
   local start=$(date +%s)
   if [ "$preset" = large-k ]; then set -- large-k-bench "$@"; else set -- bench --preset "$preset" "$@"; fi
-  $PY -m kd "$@" --device "$DEVICE" --out "$out" --quiet
+  run $PY -m kd "$@" --device "$DEVICE" --out "$out" --quiet
   echo "   $(( $(date +%s) - start ))s"
 }
 common=(--amp "$AMP" --warmup "$WARMUP" ${BATCH:+--batch-size "$BATCH"})
@@ -70,7 +81,7 @@ image=(--channels-last)
 for part in $PARTS; do
   case $part in
     steps)
-      for preset in tinyimagenet-r101-shufflenet cifar100-r34-r18 fmnist-lenet digits; do
+      for preset in $STEP_PRESETS; do
         bench "" "$preset" "${common[@]}" "${image[@]}" --steps "$STEPS" --repeats "$REPEATS"
       done ;;
     epoch)
@@ -96,7 +107,7 @@ for part in $PARTS; do
       out="$OUTDIR/e2e_lenet_${name}.csv"
       [ -e "$out" ] && out="$OUTDIR/e2e_lenet_${name}_$(date -u +%Y%m%dT%H%M%S).csv"
       root=(); [ -d data ] && root=(--data-root data)
-      $PY -m benchmarks.e2e --dataset "$E2E_DATASET" "${root[@]}" --epochs "$E2E_EPOCHS" --device "$DEVICE" \
+      run $PY -m benchmarks.e2e --dataset "$E2E_DATASET" "${root[@]}" --epochs "$E2E_EPOCHS" --device "$DEVICE" \
         --modes "none,$COMPILE_MODE" --compile-backend "$COMPILE_BACKEND" ${BATCH:+--batch-size "$BATCH"} --out "$out" ;;
     *) echo "unknown part '$part' (steps, epoch, compile, large-k, graphs, e2e)" >&2; exit 2 ;;
   esac

@@ -39,15 +39,17 @@ import torch
 from torch import nn
 
 import teachers
-from benchmarks.cost import Cycle, framework_runner, sync, timed_repeats, timing_columns, warm_up
-from kd import runs
+from benchmarks.harness import Cycle, framework_runner, sync, timed_repeats, timing_columns, warm_up
+from kd import cmatrix
 from kd.config import TrainConfig
 from kd.engine import machine_name, resolve_device
 from kd.errors import KDError
 from kd.sources import SourceContext, TargetSource
-from teachers.cached import CachedTeacher, TopKCached, save_cache, write_topk_cache
+from teachers.cached import CachedTeacher, save_cache
 from teachers.lspp import LSPPLoss
-from teachers.proxy import ProxyTeacher, TopKProxy, save_topk_c_matrix
+from kd.cmatrix import save_topk_c_matrix
+from teachers.proxy import ProxyTeacher
+from teachers.topk import TopKCached, TopKProxy, write_topk_cache
 
 PRESET = "large-k"
 FEATURES = 512
@@ -95,7 +97,7 @@ def artifact_sizes(row: str, source: TargetSource) -> tuple[int, int, str]:
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "artifact.safetensors"
         if row == "proxy":
-            runs.save_c_matrix(path, source.c_matrix, source.alpha, names, {"source": "stand-in"})
+            cmatrix.save_c_matrix(path, source.c_matrix, source.alpha, names, {"source": "stand-in"})
             tensors = [source.c_matrix]
         elif row == "proxy-topk":
             save_topk_c_matrix(path, source.c_values, source.c_indices, source.alpha, names, {"source": "stand-in"})
@@ -119,7 +121,7 @@ def _batches(batch: int, k: int, n_cached: int, device, count: int = 4):
 
 
 def _time(runners, steps: int, repeats: int, warmup: int, dev, log) -> None:
-    """cost.run_bench's schedule: warm-up untimed, then :func:`benchmarks.cost.timed_repeats`."""
+    """cost.run_bench's schedule: warm-up untimed, then :func:`benchmarks.harness.timed_repeats`."""
     for r in runners:
         warm_up(r, warmup, dev)
     sync(dev)
@@ -150,7 +152,7 @@ def run_large_k(device: str = "cpu", ks=DEFAULT_KS, batch_size: int | None = Non
     same K) plus ``artifact_bytes`` / ``artifact_tensor_bytes`` / ``artifact_bytes_kind`` (the file
     on disk and the tensors in it) and ``source_buffer_bytes`` (what the source holds in memory).
     Dense rows (``proxy``, ``cached``) whose artifact tensor would exceed ``max_dense_bytes`` are
-    left out (logged). With ``compile_mode`` every row's step is compiled (``benchmarks.cost.compile_training``;
+    left out (logged). With ``compile_mode`` every row's step is compiled (``benchmarks.harness.compile_training``;
     reduce-overhead: replayed as CUDA graphs) and named with its suffix (``onehot+graphs``, ...).
     """
     sources = tuple(sources or DEFAULT_SOURCES)

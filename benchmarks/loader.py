@@ -12,10 +12,11 @@ import time
 
 import torch
 
-from benchmarks.cost import sync
+from benchmarks.harness import sync
 from kd.config import TrainConfig
 from kd.data import load_dataset
-from kd.engine import machine_name, make_accelerator, make_loader, prepare_training
+from kd.data import make_loader
+from kd.engine import machine_name, make_accelerator, prepare_training
 from kd.models import create_model
 from teachers.onehot import OneHot
 

@@ -1,5 +1,6 @@
 """What the C-matrix learned: each class's two strongest non-target classes in an LS++ run's C,
-next to the two classes a 1-hot network most often confuses it with on the test set.
+next to the two classes a 1-hot network most often confuses it with on the test set
+(:func:`kd.metrics.c_beside_network`: errors made at least twice, then the highest mean softmax).
 
     python -m benchmarks.neighbours LSPP_RUN ONEHOT_RUN [--out FILE.md]
 """
@@ -10,37 +11,32 @@ import shlex
 import sys
 from pathlib import Path
 
-import torch
-
-from kd import runs
+from kd import cmatrix
 from kd.data import load_dataset_of_run
 from kd.engine import predict
 from kd.errors import KDError
-from kd.metrics import c_neighbours, top_confusions
+from kd.metrics import c_beside_network
 from kd.runs import check_new_file
+from kd.tables import markdown_table
 from teachers.network import load_teacher_network
 
 
 def neighbour_table(lspp_run: str | Path, onehot_run: str | Path) -> tuple[str, int, int]:
-    c, meta = runs.load_c_matrix(lspp_run)
+    c, meta = cmatrix.load_c_matrix(lspp_run)
     names = meta["class_names"]
     model, s = load_teacher_network(onehot_run)
     split = load_dataset_of_run(s)
     logits, labels = predict(model, split.test, split.info)
     k = len(c)
-    conf = top_confusions(logits.argmax(1), labels, k)
-    neigh = c_neighbours(c)
-    lines = ["| class | LS++ C: strongest non-targets (weight) | 1-hot test confusions | shared |", "|---|---|---|---|"]
-    shared_total = exact = 0
-    for i in range(k):
-        shared = len(set(neigh[i]) & set(conf[i]))
-        shared_total += shared
-        exact += shared == 2
-        cn = ", ".join(f"{names[j]} ({float(c[i, j]):.2f})" for j in neigh[i])
-        lines.append(f"| {names[i]} | {cn} | {', '.join(names[j] for j in conf[i])} | {shared}/2 |")
-    lines.append("")
-    lines.append(f"{shared_total} of {2 * k} neighbour slots agree; {exact} of {k} classes have the same two.")
-    return "\n".join(lines), shared_total, exact
+    rows = c_beside_network(c, logits, labels, 2)
+    table = [{"cls": names[i], "c": ", ".join(f"{names[j]} ({w:.2f})" for j, w in r["c"]),
+              "net": ", ".join(names[j] for j, _, _ in r["net"]), "shared": f"{r['shared']}/2"}
+             for i, r in enumerate(rows)]
+    shared_total, exact = sum(r["shared"] for r in rows), sum(r["shared"] == 2 for r in rows)
+    text = markdown_table(table, [("cls", "class", ""), ("c", "LS++ C: strongest non-targets (weight)", ""),
+                                  ("net", "1-hot test confusions", ""), ("shared", "shared", "")])
+    return (text + f"\n\n{shared_total} of {2 * k} neighbour slots agree; {exact} of {k} classes have the same two.",
+            shared_total, exact)
 
 
 def main(argv: list[str] | None = None) -> int:

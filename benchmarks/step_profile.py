@@ -30,7 +30,8 @@ from collections import Counter
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.cost import PRESETS, make_source, synthetic_batches
+from benchmarks.cost import PRESETS, synthetic_batches
+from benchmarks.harness import stand_in_source
 from kd.config import TrainConfig
 from kd.engine import machine_name, make_accelerator, prepare_training, total_loss
 from kd.errors import KDError
@@ -47,7 +48,7 @@ def _trainings(preset: str, sources: list[str]):
     student0 = create_model(p.student, p.num_classes, p.channels, p.size)
     out = {}
     for name in sources:
-        src = make_source(name, p.num_classes, None, 10_000)
+        src = stand_in_source(name, p.num_classes, None, 10_000)
         if src.needs_inputs:
             raise KDError(f"source '{name}' runs a teacher network; profile label-level sources only")
         out[name] = prepare_training(make_accelerator(cfg), copy.deepcopy(student0), src, cfg, steps_per_epoch=10**6)

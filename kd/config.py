@@ -139,14 +139,9 @@ class TrainConfig:
 
         return torch.cuda.is_available()
 
-    def source_options(self) -> dict[str, Any]:
-        """The options a target source is built with (absent: the source's own default)."""
-        return dict(self.options)
-
     def with_options(self, **options: Any) -> "TrainConfig":
         """A copy with these source options set (None removes one)."""
-        merged = {**self.options, **options}
-        return replace(self, options={k: v for k, v in merged.items() if v is not None})
+        return replace(self, options=_given({**self.options, **options}))
 
     def to_dict(self) -> dict[str, Any]:
         """Fields and source options as one flat mapping of keys (the YAML form)."""
@@ -169,14 +164,11 @@ class TrainConfig:
             if k in known:
                 values[k] = value
             elif k in option_names:
-                if value is None:
-                    options.pop(k, None)
-                else:
-                    options[k] = value
+                options[k] = value
             else:
                 raise KDError(f"{where}: unknown key '{key}'; valid keys are {', '.join([*known, *option_names])}")
         values["milestones"] = tuple(values["milestones"])
-        values["options"] = options
+        values["options"] = _given(options)
         try:
             out = type(self)(**values)
             for f in fields(out):  # coerce YAML scalars (e.g. "1e-3" strings) to the field's type
@@ -189,6 +181,12 @@ class TrainConfig:
         except (TypeError, ValueError) as e:
             raise KDError(f"{where}: bad value ({e})") from None
         return out
+
+
+def _given(options: dict[str, Any]) -> dict[str, Any]:
+    """The source options that were given: a config keeps no None (None means "not given"; the source then takes
+    its default, :meth:`kd.sources.Option.resolve`)."""
+    return {k: v for k, v in options.items() if v is not None}
 
 
 def load_yaml_config(path: str | Path) -> dict[str, Any]:
@@ -212,8 +210,7 @@ def _init(self, *args: Any, options: dict[str, Any] | None = None, **kwargs: Any
     """The dataclass's own __init__, plus source options as keywords: ``TrainConfig(method="lspp", alpha=0.2)``."""
     names = TrainConfig.__dataclass_fields__
     given = {k: kwargs.pop(k) for k in list(kwargs) if k not in names}
-    _dataclass_init(self, *args, options=dict(options or {}), **kwargs)
-    self.options.update({k: v for k, v in given.items() if v is not None})
+    _dataclass_init(self, *args, options=_given({**(options or {}), **given}), **kwargs)
 
 
 _init.__doc__ = TrainConfig.__doc__

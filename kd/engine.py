@@ -25,9 +25,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from kd import runs
-from kd.augment import BatchMix, CutoutTransform, WorkerAugmentLoader, parse_rand_augment
+from kd.data.augment import BatchMix, WorkerAugmentLoader
 from kd.config import TrainConfig
-from kd.data import BatchTransform, DatasetInfo, ImageFiles, ImageTensors, IndexedDataset, TensorLoader, as_dataset
+from kd.data import DatasetInfo, TensorLoader, as_dataset, check_labels, make_loader
 from kd.errors import KDError, NonFiniteError
 from kd.metrics import classification_metrics
 from kd.seeding import seeded
@@ -106,56 +106,6 @@ def build_optimizer(model: nn.Module, source: TargetSource, cfg: TrainConfig) ->
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr)
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
-
-
-def make_loader(data, info: DatasetInfo | None, cfg: TrainConfig, *, train: bool, device,
-                rank: int = 0, world_size: int = 1, accelerator=None, input_dtype: torch.dtype = torch.float32):
-    """A loader yielding (x, y, index): tensors stay tensors; other data sets go through DataLoader.
-
-    Training loaders shuffle, augment and shard by rank; evaluation loaders keep the data
-    set's order, do not augment and give every process the whole set. A TensorDataset's floating
-    inputs of another dtype (float64 from NumPy) are cast once to ``input_dtype``, the model's.
-    """
-    if not train:
-        rank, world_size = 0, 1
-    common = dict(shuffle=train, drop_last=train, train=train, seed=cfg.seed, rank=rank,
-                  world_size=world_size, device=device)
-    augment = cfg.augment is not False  # None: the data set's own augmentation, where it has one
-    workers = cfg.num_workers or 0  # None: no worker processes unless asked (the CLI asks for 4)
-    if isinstance(data, ImageTensors):
-        pad = info.crop_padding if (info and augment) else 0
-        flip = bool(info and augment and info.flip)
-        mean = info.mean if info else (0.0,) * data.images.shape[1]
-        std = info.std if info else (1.0,) * data.images.shape[1]
-        tf = BatchTransform(data.scale, mean, std, pad, flip)
-        if cfg.cutout and train:
-            tf = CutoutTransform(tf, cfg.cutout)
-        loader = TensorLoader(data.images, data.labels, cfg.batch_size, transform=tf, ids=data.ids, **common)
-        if cfg.aa and train:  # RandAugment (drawn per image, applied per batch) in loader workers
-            if data.images.dtype != torch.uint8:
-                raise KDError("--aa (RandAugment) needs uint8 images; this data set holds other values")
-            magnitude, num_ops = parse_rand_augment(cfg.aa)
-            return WorkerAugmentLoader(loader, magnitude, num_ops, workers)
-        return loader
-    if isinstance(data, ImageFiles):  # a streamed image folder augments per item, in the workers
-        data.augment = train and augment
-    if train and (cfg.cutout or cfg.aa):
-        raise KDError("--cutout and --aa work on in-memory image data sets (digits, MNIST, Fashion-MNIST, CIFAR, "
-                      "SVHN, small image folders); this data set is streamed or not made of images")
-    if isinstance(data, torch.utils.data.TensorDataset):
-        x, y = data.tensors[0], data.tensors[1]
-        if x.is_floating_point() and x.dtype != input_dtype:  # float64 arrays (NumPy, scikit-learn): cast once
-            x = x.to(input_dtype)
-        y = y if y.is_floating_point() else y.long()  # soft labels (N x K) stay floats
-        return TensorLoader(x, y, cfg.batch_size, ids=getattr(data, "ids", None), **common)
-    workers = getattr(data, "loader_workers", workers)  # a set held in memory (text) asks for none
-    loader = torch.utils.data.DataLoader(
-        IndexedDataset(data), batch_size=cfg.batch_size, shuffle=train, drop_last=train,
-        num_workers=workers, pin_memory=torch.device(device).type == "cuda",
-        persistent_workers=train and workers > 0,
-        collate_fn=getattr(data, "collate", None),  # a set that batches its own items (text: pads token ids)
-    )
-    return accelerator.prepare(loader) if (train and accelerator is not None) else loader
 
 
 def predict(model: nn.Module, data, info: DatasetInfo | None, batch_size: int = 512,
@@ -371,42 +321,6 @@ def prepare_training(accelerator, model: nn.Module, source: TargetSource, cfg: T
     return training
 
 
-def _labels_of(data) -> torch.Tensor | None:
-    """The integer labels of a data set without decoding its items, or None when they cannot be read so.
-
-    ``ImageTensors.labels``, ``TensorDataset.tensors[1]`` or a map-style set's ``targets``
-    (folder sets, torchvision sets); any other data set is not checked (its labels would take
-    a pass over every item).
-    """
-    if isinstance(data, ImageTensors):
-        labels = data.labels
-    elif isinstance(data, torch.utils.data.TensorDataset):
-        labels = data.tensors[1] if len(data.tensors) > 1 else None
-    else:
-        labels = getattr(data, "targets", None)
-    if labels is None:
-        return None
-    try:
-        labels = torch.as_tensor(labels)
-    except (TypeError, ValueError, RuntimeError):
-        return None
-    if labels.ndim != 1 or labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        return None  # soft or odd labels: not class indices, nothing to check here
-    return labels
-
-
-def check_labels(data, num_classes: int, what: str) -> None:
-    """Raise a one-line KDError when a label of ``data`` lies outside [0, num_classes); one pass, no per-step cost."""
-    labels = _labels_of(data)
-    if labels is None or labels.numel() == 0:
-        return
-    bad = (labels < 0) | (labels >= num_classes)
-    if bool(bad.any()):
-        i = int(bad.nonzero()[0, 0])
-        raise KDError(f"{what} label {int(labels[i])} at sample {i} is outside [0, {num_classes}); "
-                      f"the source has K={num_classes} classes")
-
-
 def _one_test_batch(test_loader, test_data):
     """Inputs of one un-augmented test sample (a 1-sample batch), or None when there is none."""
     if isinstance(test_loader, TensorLoader):
@@ -569,11 +483,46 @@ def _fit(model, source, train_data, test_data, cfg, *, info, run_dir, meta, prog
             tracking.finish()
 
 
+def train_one_epoch(training: Training, train_loader, epoch: int, cfg: TrainConfig, *, device, tracking=None,
+                    progress: bool = True) -> tuple[dict[str, torch.Tensor], torch.Tensor, int, float]:
+    """One pass over ``train_loader``: (summed loss terms, correct predictions, samples seen, seconds).
+
+    Sums stay on the device (no per-step host synchronisation); the source's epoch-end hook runs before the
+    clock stops (online label smoothing updates its table there)."""
+    steps_per_epoch = len(train_loader)
+    dtype = input_dtype_of(training.model)
+    if hasattr(train_loader, "set_epoch"):
+        train_loader.set_epoch(epoch)
+    if training.mix is not None:
+        training.mix.set_epoch(epoch)
+    training.model.train()
+    term_sums: dict[str, torch.Tensor] = {}
+    correct = torch.zeros((), dtype=torch.long, device=device)  # running train accuracy, no per-step sync
+    seen = 0
+    t0 = time.perf_counter()
+    bar = tqdm(train_loader, total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}",
+               disable=None if progress else True, leave=False, dynamic_ncols=True)
+    for i, (x, y, idx) in enumerate(bar):
+        if x.dtype != dtype and x.is_floating_point():
+            x = x.to(dtype)
+        if cfg.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        terms = training.step(x, y, idx)
+        step = (epoch - 1) * steps_per_epoch + i + 1
+        if tracking is not None and tracking.every and step % tracking.every == 0:
+            tracking.log_step(step, terms, float(training.optimizer.param_groups[0]["lr"]))
+        for k, v in terms.items():
+            term_sums[k] = term_sums.get(k, 0.0) + v.detach()
+        correct += (training.logits.argmax(1) == (y if y.ndim == 1 else y.argmax(1))).sum()
+        seen += y.shape[0]
+    training.source.on_epoch_end(training.all_reduce)
+    return term_sums, correct, seen, time.perf_counter() - t0
+
+
 def _train(model, source, train_data, cfg, *, info, run_dir, meta, progress, log, resume, eval_name, accelerator,
            device, train_loader, test_loader, training, tracking) -> FitResult:
     """The epochs of :func:`fit` (after its checks): train, check, evaluate, record, and the final files."""
     steps_per_epoch = len(train_loader)
-    dtype = input_dtype_of(model)
     main = accelerator.is_main_process
     loader_rng = train_loader.generator if isinstance(train_loader, (TensorLoader, WorkerAugmentLoader)) else None
     ckpt_path = run_dir / runs.CHECKPOINT if run_dir is not None else None
@@ -590,32 +539,8 @@ def _train(model, source, train_data, cfg, *, info, run_dir, meta, progress, log
         if main and log is not None:
             log(f"resuming after epoch {done} from {ckpt_path}")
     for epoch in range(first_epoch, cfg.epochs + 1):
-        if hasattr(train_loader, "set_epoch"):
-            train_loader.set_epoch(epoch)
-        if training.mix is not None:
-            training.mix.set_epoch(epoch)
-        training.model.train()
-        term_sums: dict[str, torch.Tensor] = {}
-        correct = torch.zeros((), dtype=torch.long, device=device)  # running train accuracy, no per-step sync
-        seen = 0
-        t0 = time.perf_counter()
-        bar = tqdm(train_loader, total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}",
-                   disable=None if (progress and main) else True, leave=False, dynamic_ncols=True)
-        for i, (x, y, idx) in enumerate(bar):
-            if x.dtype != dtype and x.is_floating_point():
-                x = x.to(dtype)
-            if cfg.channels_last and x.ndim == 4:
-                x = x.contiguous(memory_format=torch.channels_last)
-            terms = training.step(x, y, idx)
-            step = (epoch - 1) * steps_per_epoch + i + 1
-            if tracking is not None and tracking.every and step % tracking.every == 0:
-                tracking.log_step(step, terms, float(training.optimizer.param_groups[0]["lr"]))
-            for k, v in terms.items():
-                term_sums[k] = term_sums.get(k, 0.0) + v.detach()
-            correct += (training.logits.argmax(1) == (y if y.ndim == 1 else y.argmax(1))).sum()
-            seen += y.shape[0]
-        training.source.on_epoch_end(training.all_reduce)
-        seconds = time.perf_counter() - t0
+        term_sums, correct, seen, seconds = train_one_epoch(training, train_loader, epoch, cfg, device=device,
+                                                            tracking=tracking, progress=progress and main)
         total_seconds += seconds
         bad = _nonfinite_parts(model, training.source, term_sums, training.all_reduce)  # before anything is written
         if bad:
@@ -642,6 +567,15 @@ def _train(model, source, train_data, cfg, *, info, run_dir, meta, progress, log
             log(f"epoch {epoch:3d}  loss {row['train_loss']:.4f}  train acc {row['train_acc']:.4f}  "
                 f"{eval_name} acc {m['acc']:.4f}  nll {m['nll']:.4f}  ece {m['ece']:.4f}  {seconds:.1f}s"
                 + "".join(f"  {line}" for line in [training.source.describe_stats(stats)] if line))
+    return _finish(model, source, training, cfg, history, total_seconds, info=info, run_dir=run_dir, meta=meta,
+                   log=log, eval_name=eval_name, accelerator=accelerator, device=device)
+
+
+def _finish(model, source, training, cfg, history, total_seconds, *, info, run_dir, meta, log, eval_name, accelerator,
+            device) -> FitResult:
+    """The summary of a finished run (its last epoch's metrics), and its final files: weights, the source's
+    artifacts (LS++'s C-matrix), summary.json; the checkpoint goes."""
+    main = accelerator.is_main_process
     last = history[-1]
     note = training.source.end_note(last)
     summary = {
@@ -658,7 +592,7 @@ def _train(model, source, train_data, cfg, *, info, run_dir, meta, progress, log
         class_names = (info.class_names if info else None) or [str(i) for i in range(source.num_classes)]
         source.write_artifacts(run_dir, class_names, meta or {})
         runs.write_summary(run_dir, summary)
-        runs.remove_checkpoint(ckpt_path)  # the finished run no longer needs it
+        runs.remove_checkpoint(run_dir / runs.CHECKPOINT)  # the finished run no longer needs it
     if main and log is not None and note:
         log(f"note: {note}")
     accelerator.wait_for_everyone()

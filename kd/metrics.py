@@ -96,9 +96,35 @@ def c_neighbours(c: torch.Tensor, n: int = 2) -> list[list[int]]:
     return [torch.sort(row, descending=True, stable=True).indices[:n].tolist() for row in off]
 
 
-def top_confusions(pred: torch.Tensor, labels: torch.Tensor, k: int, n: int = 2) -> list[list[int]]:
-    """For each true class, the n wrong classes it is most often predicted as (ties: the lower index)."""
-    conf = torch.zeros(k, k, dtype=torch.long)
-    conf.index_put_((labels, pred), torch.ones_like(labels), accumulate=True)
-    conf.fill_diagonal_(-1)
-    return [torch.sort(conf[c], descending=True, stable=True).indices[:n].tolist() for c in range(k)]
+#: A class's test errors name one of its confusions from this many errors into one class on; below that, the
+#: classes the network gives most softmax after the true class stand in (a network that rarely errs still has
+#: near classes).
+MIN_ERRORS = 2
+
+
+def c_beside_network(c: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, n: int = 2,
+                     min_errors: int = MIN_ERRORS) -> list[dict]:
+    """Per class i: the n classes C's row i weights most beside the n classes a network takes class i for.
+
+    The network's near classes for i: its wrong predictions on i's samples made at least ``min_errors``
+    times, most frequent first, then (where fewer than n are that frequent) the classes of highest mean
+    softmax over i's samples after i itself; ties go to the lower index. Each row holds ``c``: [(j, C[i, j])],
+    ``net``: [(j, errors, mean softmax)], ``shared``: how many classes the two lists have in common, and
+    ``first``: whether C's strongest is the network's nearest. A class without samples has mean softmax 0.
+    """
+    k = len(c)
+    logits, labels = logits.detach().float().cpu(), labels.detach().long().cpu()
+    errors = torch.zeros(k, k, dtype=torch.long)
+    errors.index_put_((labels, logits.argmax(1)), torch.ones_like(labels), accumulate=True)
+    probs = logits.softmax(1)
+    mean_p = torch.zeros(k, k).index_add_(0, labels, probs) / torch.bincount(labels, minlength=k).clamp(min=1)[:, None]
+    rows = []
+    for i, c_near in enumerate(c_neighbours(c, n)):
+        others = [j for j in range(k) if j != i]
+        frequent = sorted((j for j in others if errors[i, j] >= min_errors), key=lambda j: (-int(errors[i, j]), j))
+        rest = sorted((j for j in others if j not in frequent), key=lambda j: (-float(mean_p[i, j]), j))
+        net = (frequent + rest)[:n]
+        rows.append({"c": [(j, float(c[i, j])) for j in c_near],
+                     "net": [(j, int(errors[i, j]), float(mean_p[i, j])) for j in net],
+                     "shared": len(set(c_near) & set(net)), "first": c_near[:1] == net[:1]})
+    return rows

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from kd.checkpoints import Checkpoint, load_into, read_checkpoint, sha256
+from kd.data.text import PAD_ID, check_hf_dir, first_line, hf_path, quiet_transformers, transformers_module
 from kd.errors import KDError
 
 
@@ -157,16 +158,12 @@ def _mlp(in_channels, num_classes, image_size):
 
 
 def _fasttext(in_channels, num_classes, image_size):
-    """Text: ``in_channels`` is the number of token ids (kd.text: a text set's channels are its vocabulary)."""
-    from kd.text import FastText
-
+    """Text: ``in_channels`` is the number of token ids (a text set's channels are its vocabulary)."""
     return FastText(in_channels, num_classes)
 
 
 def _text_transformer(in_channels, num_classes, image_size):
     """Text: ``in_channels`` token ids, ``image_size`` positions (the data set's maximum sequence length)."""
-    from kd.text import TextTransformer
-
     return TextTransformer(in_channels, num_classes, image_size)
 
 
@@ -212,8 +209,6 @@ def create_model(name: str, num_classes: int, in_channels: int = 3, image_size: 
     if name in MODELS:
         return MODELS[name](in_channels, num_classes, image_size)
     if name.startswith("hf:"):
-        from kd.text import hf_classifier, hf_path
-
         return hf_classifier(hf_path(name), num_classes)
     if name.startswith("timm:"):
         return _timm_model(name[5:], in_channels, num_classes)
@@ -365,3 +360,80 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, image_size: i
         log(f"weights: {ckpt.describe()}" + (f", classifier re-initialised for {num_classes} classes ({', '.join(reset)})"
                                              if reset_head else ""))
     return model, record
+
+
+# ---------------------------------------------------------------------------------------
+# Text models: they read token ids (kd.data.text), padding found by its id
+
+
+class FastText(nn.Module):
+    """fastText's classifier (Joulin et al. 2017): the mean of the token embeddings (padding left out), then a
+    linear layer."""
+
+    def __init__(self, vocab_size: int, num_classes: int, dim: int = 64, pad_id: int = PAD_ID):
+        super().__init__()
+        self.embedding = nn.EmbeddingBag(vocab_size, dim, mode="mean", padding_idx=pad_id)
+        nn.init.uniform_(self.embedding.weight, -1.0 / dim, 1.0 / dim)
+        with torch.no_grad():
+            self.embedding.weight[pad_id].zero_()
+        self.fc = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.embedding(x))
+
+
+class TextTransformer(nn.Module):
+    """A small pre-norm transformer encoder: token and learned position embeddings, ``layers`` encoder layers
+    with the padding masked, a final layer norm, the mean over real tokens, then a linear layer."""
+
+    def __init__(self, vocab_size: int, num_classes: int, max_length: int = 256, dim: int = 64, heads: int = 4,
+                 layers: int = 2, dropout: float = 0.1, pad_id: int = PAD_ID):
+        super().__init__()
+        self.pad_id, self.max_length = pad_id, max_length
+        self.embedding = nn.Embedding(vocab_size, dim, padding_idx=pad_id)
+        self.position = nn.Embedding(max_length, dim)
+        layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        self.fc = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] > self.max_length:
+            raise KDError(f"a batch of {x.shape[1]} tokens per sample reached a text-transformer of "
+                          f"{self.max_length} positions; the data set's collate cuts sequences at its max_length")
+        pad = x == self.pad_id
+        h = self.embedding(x) + self.position(torch.arange(x.shape[1], device=x.device))
+        h = self.norm(self.encoder(h, src_key_padding_mask=pad))
+        keep = (~pad).unsqueeze(-1).to(h.dtype)
+        return self.fc((h * keep).sum(1) / keep.sum(1).clamp_min(1.0))
+
+
+class HFClassifier(nn.Module):
+    """A Hugging Face sequence-classification model as a proxykd model: B x L token ids in (padding marked by
+    ``pad_id``, turned into the attention mask), B x K logits out."""
+
+    def __init__(self, model: nn.Module, pad_id: int):
+        super().__init__()
+        self.model, self.pad_id = model, int(pad_id)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=x, attention_mask=(x != self.pad_id).long()).logits
+
+
+def hf_classifier(directory: Path, num_classes: int) -> HFClassifier:
+    """The directory's sequence-classification model with ``num_classes`` outputs (a classifier of another
+    size is re-initialised), loaded from local files only."""
+    transformers = transformers_module()
+    directory = Path(directory).expanduser().resolve()
+    check_hf_dir(directory)
+    try:
+        with quiet_transformers(transformers):
+            tok = transformers.AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+            model = transformers.AutoModelForSequenceClassification.from_pretrained(
+                str(directory), num_labels=num_classes, ignore_mismatched_sizes=True, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise KDError(f"cannot load hf:{directory} as a sequence classifier ({first_line(e)})") from None
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = int(pad)  # models that pool the last real token look for it
+    return HFClassifier(model, int(pad))

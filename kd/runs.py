@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import numbers
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -82,10 +83,24 @@ def start_run(out: str | Path, config: dict[str, Any]) -> Path:
     return run_dir
 
 
-def atomic_write(path: Path, text: str) -> None:
+@contextmanager
+def atomic_file(path: str | Path):
+    """The one way proxykd replaces a file: the block writes the path it is given (a ``.tmp`` beside ``path``),
+    which is then renamed over ``path``, so a reader never sees half a file; if the block fails, the ``.tmp`` is
+    removed and ``path`` is left as it was."""
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write(path: str | Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically (:func:`atomic_file`)."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def _file_mode() -> int:
@@ -98,11 +113,9 @@ def _file_mode() -> int:
 def save_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Write a safetensors file atomically (a ``.tmp`` beside it, then a rename: a reader never sees half a file)
     with the mode the umask gives a new file (the safetensors writer alone makes it 0600, unreadable to others)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.chmod(tmp, _file_mode())
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.chmod(tmp, _file_mode())
 
 
 def write_config(run_dir: Path, config: dict[str, Any]) -> None:
@@ -140,43 +153,6 @@ def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise KDError(f"{path} is not a readable safetensors file ({e}); it may be truncated, re-create it") from None
-
-
-def save_c_matrix(path: Path, c_matrix: torch.Tensor, alpha: float, class_names: list[str],
-                  extra: dict[str, str] | None = None) -> None:
-    """A standalone C-matrix artifact: tensor ``c_matrix`` (K x K probabilities) plus metadata."""
-    meta = {"alpha": repr(float(alpha)), "class_names": json.dumps(list(class_names)), "format": "proxykd-c-matrix-v1"}
-    meta.update(extra or {})
-    save_safetensors(path, {"c_matrix": c_matrix.detach().float().cpu().contiguous()}, meta)
-
-
-def load_c_matrix(path: str | Path) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Read and check a C-matrix artifact; returns (K x K tensor, metadata with alpha and class names)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / C_MATRIX
-    tensors = load_safetensors(path)
-    if "c_matrix" not in tensors:
-        raise KDError(f"{path} holds no tensor named 'c_matrix'; export one with `kd proxy export`")
-    with safe_open(str(path), framework="pt") as f:
-        raw = f.metadata() or {}
-    c = tensors["c_matrix"].float()
-    if c.ndim != 2 or c.shape[0] != c.shape[1]:
-        raise KDError(f"{path}: c_matrix must be K x K, got shape {tuple(c.shape)}")
-    if not torch.isfinite(c).all() or (c < 0).any() or not torch.allclose(c.sum(1), torch.ones(len(c)), atol=1e-3):
-        raise KDError(f"{path}: c_matrix rows must be probability vectors (non-negative, summing to 1)")
-    return c, c_matrix_metadata(path, raw)
-
-
-def c_matrix_metadata(path, raw: dict[str, str]) -> dict[str, Any]:
-    """A C-matrix file's metadata with ``alpha`` (float or None) and ``class_names`` (list or None) parsed."""
-    meta: dict[str, Any] = dict(raw)
-    try:
-        meta["alpha"] = float(raw["alpha"]) if "alpha" in raw else None
-        meta["class_names"] = json.loads(raw["class_names"]) if "class_names" in raw else None
-    except (ValueError, json.JSONDecodeError):
-        raise KDError(f"{path}: unreadable metadata (alpha, class_names)") from None
-    return meta
 
 
 def _plain(value: Any) -> Any:

@@ -24,8 +24,9 @@ class Option:
     dashes, the CLI flag; ``check`` is the one place its type and bounds are enforced (sources call
     it when they are built, whichever way the value came: flag, YAML key, SPEC argument or API).
 
-    ``default`` None means the source decides at build time (a proxy takes its artifact's alpha).
-    Bounds are ``low``/``high``, open or closed.
+    An option given as None is not given: :meth:`resolve` gives its ``default`` instead, the one rule for
+    unset values. ``default`` None means the source decides at build time (a proxy takes its
+    artifact's alpha). Bounds are ``low``/``high``, open or closed.
     """
 
     name: str
@@ -52,6 +53,10 @@ class Option:
         if self.high is not None:
             return f"{'<' if self.high_open else '<='} {self.high:g}"
         return ""
+
+    def resolve(self, value: Any) -> Any:
+        """The value a source is built with: ``value``, or the default where it is None (not given)."""
+        return self.default if value is None else value
 
     def check(self, value: Any, source: str = "") -> Any:
         """``value`` as the option's type, or a one-line KDError saying what is allowed."""
@@ -92,8 +97,9 @@ def fraction(name: str, help: str, default: float | None = 0.1) -> Option:
 class SourceContext:
     """What a source may need to build itself from a SPEC argument (see :meth:`TargetSource.from_spec`).
 
-    ``options`` holds the CLI / config options (alpha, temperature, hard_weight, ...); a value
-    of None means "not given": the source takes its own default. ``info`` is the data set's
+    ``options`` holds the source's options (alpha, temperature, hard_weight, ...), each declared one
+    resolved by ``teachers.make_source`` (:meth:`TargetSource.given_options`); `kd bench` adds the
+    settings its stand-ins read (``fused``, ``top_k``). ``info`` is the data set's
     :class:`kd.data.DatasetInfo` when there is one (a network teacher reads its normalisation).
     ``teacher_model`` is set by `kd bench`, which times sources on stand-in artifacts, and by
     ``make_source("network", K, model=net)`` for a network in memory; ``artifacts`` holds the other
@@ -108,9 +114,6 @@ class SourceContext:
     teacher_model: nn.Module | None = None
     artifacts: dict[str, Any] = field(default_factory=dict)
 
-    def option(self, name: str, default: Any = None) -> Any:
-        value = self.options.get(name)
-        return default if value is None else value
 
 
 class TargetSource(nn.Module):
@@ -136,7 +139,7 @@ class TargetSource(nn.Module):
     needs_inputs: ClassVar[bool] = False
     #: True when the source needs the sample indices (cached teacher outputs).
     needs_index: ClassVar[bool] = False
-    #: For ``needs_index`` sources: True when ``index`` may be a ``kd.augment.MixedIndex`` (mixup/cutmix).
+    #: For ``needs_index`` sources: True when ``index`` may be a ``kd.data.augment.MixedIndex`` (mixup/cutmix).
     mixes_index: ClassVar[bool] = False
     #: Options the source reads from ``SourceContext.options`` (CLI flags, YAML keys and checks come from these).
     options: ClassVar[tuple[Option, ...]] = ()
@@ -154,17 +157,12 @@ class TargetSource(nn.Module):
 
     @classmethod
     def value(cls, ctx: "SourceContext", name: str) -> Any:
-        """Option ``name`` from the context, or its declared default."""
-        return ctx.option(name, cls.option(name).default)
-
-    @classmethod
-    def defaults(cls) -> dict[str, Any]:
-        """Each declared option's default."""
-        return {o.name: o.default for o in cls.options}
+        """Declared option ``name`` as the source is built with it: given in the context, or its default."""
+        return cls.option(name).resolve(ctx.options.get(name))
 
     @classmethod
     def given_options(cls, options: dict[str, Any]) -> dict[str, Any]:
-        """The source's options with defaults filled in; an option given a value that this source does not
+        """Every declared option, given or at its default; an option given a value that this source does not
         declare is a one-line KDError (a flag meant for another source is a mistake, not a no-op)."""
         declared = {o.name for o in cls.options}
         stray = sorted(k for k, v in options.items() if v is not None and k not in declared)
@@ -172,14 +170,23 @@ class TargetSource(nn.Module):
             flags = ", ".join(o.flag for o in cls.options) or "none"
             raise KDError(f"source '{cls.name}' has no option --{stray[0].replace('_', '-')} (its options: {flags}); "
                           f"drop it")
-        return {**cls.defaults(), **{k: v for k, v in options.items() if v is not None}}
+        return {o.name: o.resolve(options.get(o.name)) for o in cls.options}
 
     @classmethod
     def from_spec(cls, arg: str, ctx: SourceContext) -> "TargetSource":
-        """Build the source from the text after "NAME:" in a SPEC and the run's context."""
+        """Build the source from the text after "NAME:" in a SPEC and the run's context. The default suits a
+        source whose constructor takes (K, its options by name) and whose SPEC has no argument."""
         if arg:
-            raise KDError(f"teacher '{cls.name}' takes no argument, got '{cls.name}:{arg}'")
-        return cls(ctx.num_classes)
+            flags = ", ".join(o.flag for o in cls.options)
+            raise KDError(f"teacher '{cls.name}' takes no argument, got '{cls.name}:{arg}'" +
+                          (f"; use {flags}" if flags else ""))
+        return cls(ctx.num_classes, **{o.name: cls.value(ctx, o.name) for o in cls.options})
+
+    def resolved_options(self) -> dict[str, Any]:
+        """The option values this source trains with (defaults and values read from its files included), for the
+        run's config.yaml and summary: each declared option the instance holds under its name, unless None."""
+        out = {o.name: getattr(self, o.name, None) for o in self.options}
+        return {k: v for k, v in out.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
 
     @classmethod
     def bench_rows(cls) -> dict[str, dict[str, Any]]:
@@ -260,7 +267,7 @@ class TargetSource(nn.Module):
 def spec_number(arg: str, ctx: SourceContext, option: Option, source: str) -> Any:
     """An option's value from a SPEC argument (``ls:0.2``) when there is one, else from the options."""
     if not arg:
-        return ctx.option(option.name, option.default)
+        return option.resolve(ctx.options.get(option.name))
     try:
         return float(arg)
     except ValueError:

@@ -39,7 +39,7 @@ _CLI_FIELDS = {
     "download": "kd.data.load_dataset(NAME, download=True) fetches a named data set",
     "pretrained": "build the model with kd.models.build_model(NAME, K, pretrained=True)",
     **{name: "encode the text yourself, or load a text folder with kd.data.load_dataset('text:PATH', "
-       "text=kd.text.TextOptions(...))" for name in ("text_column", "label_column", "tokenizer", "max_length",
+       "text=kd.data.text.TextOptions(...))" for name in ("text_column", "label_column", "tokenizer", "max_length",
                                                      "hash_buckets", "word_ngrams", "char_ngrams", "max_vocab")},
 }
 
@@ -181,16 +181,39 @@ def train_teacher(model: ModelLike, train_data, test_data=None, config: TrainCon
     under ``config.seed``, so the run is reproducible from the seed alone.
     """
     cfg = _check_config(config, "train_teacher", train_data, info)
-    method = cfg.method or "lspp"
     train_data, test_data, eval_name = _evaluation(train_data, test_data, cfg, eval_name)
     model = _build(model, cfg)
     k = _num_classes(model, train_data, test_data, num_classes, info)
     _start_weights(model, cfg, k)
-    source = make_source(method, k, label_only=True, dataset=info.name if info else None,
-                         num_train=len(train_data), info=info, **cfg.source_options())
-    meta = {"kind": "teacher", "method": method, "source": source.name, "model": _model_name(model), **(meta or {})}
-    return fit(model, source, train_data, test_data, cfg, info=info, run_dir=run_dir, meta=meta,
-               progress=progress, log=log, resume=resume, eval_name=eval_name)
+    source = teacher_source(cfg, k, info, len(train_data))
+    return run_teacher(model, source, train_data, test_data, cfg, info=info, run_dir=run_dir, meta=meta,
+                       progress=progress, log=log, resume=resume, eval_name=eval_name)
+
+
+def teacher_source(cfg: TrainConfig, num_classes: int, info: DatasetInfo | None = None,
+                   num_train: int | None = None) -> TargetSource:
+    """The label-only source a teacher network trains with: ``cfg.method`` (LS++ where unset) built with the
+    config's source options (an option the method does not declare is refused in one line)."""
+    return make_source(cfg.method or "lspp", num_classes, label_only=True, dataset=info.name if info else None,
+                       num_train=num_train, info=info, **cfg.options)
+
+
+def _run_meta(kind: str, model: nn.Module, source: TargetSource, meta: dict[str, Any] | None) -> dict[str, Any]:
+    """A run's summary entries: what trained, from which source, with the option values the source resolved
+    (its defaults and what it read from its files), then the caller's (the command line's data and model)."""
+    own = {"kind": kind, ("method" if kind == "teacher" else "teacher"): source.name, "source": source.name,
+           "model": _model_name(model)}
+    return {**own, **source.resolved_options(), **(meta or {})}
+
+
+def run_teacher(model: nn.Module, source: TargetSource, train_data, test_data, cfg: TrainConfig, *,
+                info: DatasetInfo | None = None, run_dir: Path | None = None, meta: dict[str, Any] | None = None,
+                progress: bool = True, log=print, resume: bool = False, eval_name: str = "test") -> FitResult:
+    """The engine call behind :func:`train_teacher` and `kd train-teacher` (no API checks: the command line
+    resolved its config)."""
+    return fit(model, source, train_data, test_data, cfg, info=info, run_dir=run_dir,
+               meta=_run_meta("teacher", model, source, meta), progress=progress, log=log, resume=resume,
+               eval_name=eval_name)
 
 
 def _checked_teacher(teacher: Any) -> TargetSource:
@@ -225,8 +248,6 @@ def distill(student: ModelLike, teacher: TargetSource, train_data, test_data=Non
     train_data, test_data, eval_name = _evaluation(train_data, test_data, cfg, eval_name)
     student = _build(student, cfg)
     _start_weights(student, cfg, teacher.num_classes)
-    meta = {"kind": "student", "teacher": teacher.name, "source": teacher.name, "model": _model_name(student),
-            **(meta or {})}
     return run_distill(student, teacher, train_data, test_data, cfg, info=info, run_dir=run_dir, meta=meta,
                        progress=progress, log=log, resume=resume, eval_name=eval_name)
 
@@ -238,8 +259,9 @@ def run_distill(student: nn.Module, teacher: TargetSource, train_data, test_data
     warning = getattr(teacher, "augmentation_warning", None)
     if warning and cfg.augment is not False and info is not None and (info.crop_padding or info.flip):
         warnings.warn(warning, stacklevel=2)
-    return fit(student, teacher, train_data, test_data, cfg, info=info, run_dir=run_dir, meta=meta,
-               progress=progress, log=log, resume=resume, eval_name=eval_name)
+    return fit(student, teacher, train_data, test_data, cfg, info=info, run_dir=run_dir,
+               meta=_run_meta("student", student, teacher, meta), progress=progress, log=log, resume=resume,
+               eval_name=eval_name)
 
 
-__all__ = ["train_teacher", "distill", "run_distill", "seeded"]
+__all__ = ["train_teacher", "distill", "teacher_source", "run_teacher", "run_distill", "seeded"]

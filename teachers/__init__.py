@@ -21,12 +21,11 @@ from teachers.mbls import MarginLabelSmoothing
 from teachers.network import NetworkTeacher
 from teachers.ols import OnlineLabelSmoothing
 from teachers.onehot import OneHot
-from teachers.proxy import ProxyTeacher
+from teachers.proxy import DEFAULT_ALPHA, ProxyTeacher
 from teachers.smoothing import LabelSmoothing
 from teachers.tfkd import TfKDRegularization, TfKDSelf
 from teachers.zipf import ZipfLabelSmoothing
 
-DEFAULT_ALPHA = 0.1
 ENTRY_POINT_GROUP = "proxykd.sources"
 
 BUILTIN: tuple[type[TargetSource], ...] = (
@@ -99,6 +98,16 @@ def declared_options(source_name: str, options: dict) -> dict:
     return {k: v for k, v in options.items() if k in names}
 
 
+def row_table() -> dict[str, tuple[type[TargetSource], dict]]:
+    """`kd bench` row name -> (its source, the settings its stand-in is built with), every source's rows."""
+    return {row: (cls, opts) for cls in SOURCES.values() for row, opts in cls.bench_rows().items()}
+
+
+def bench_rows() -> list[str]:
+    """`kd bench`'s rows: ``bare`` (a hand-written loop, the floor), then the rows of every source."""
+    return ["bare", *row_table()]
+
+
 def label_methods() -> list[str]:
     """Sources built from labels alone: what `kd train-teacher --method` accepts."""
     return [name for name, cls in SOURCES.items() if cls.label_only]
@@ -163,5 +172,5 @@ def label_source(method: str, num_classes: int, alpha: float | None = None) -> T
     return make_source(method, num_classes, label_only=True, alpha=alpha)
 
 
-__all__ = ["SOURCES", "DEFAULT_ALPHA", "make_source", "teacher_from_spec", "label_source", "label_methods",
+__all__ = ["SOURCES", "bench_rows", "row_table", "DEFAULT_ALPHA", "make_source", "teacher_from_spec", "label_source", "label_methods",
            "spec_help", "option_table", "option_names", "check_options", "SourceContext", "TargetSource", "Option"]

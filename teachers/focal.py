@@ -15,8 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kd.errors import KDError
-from kd.sources import Option, SourceContext, TargetSource, label_matrix
+from kd.sources import Option, TargetSource, label_matrix
 
 _TINY = torch.finfo(torch.float32).tiny
 
@@ -37,12 +36,6 @@ class FocalLoss(TargetSource):
     summary = "focal loss -(1 - p_y)^gamma log p_y (Mukhoti et al. 2020; --gamma, default 3)"
     label_only = True
     options = (Option("gamma", "focusing exponent of (1 - p_y)", 3.0, low=0.0),)
-
-    @classmethod
-    def from_spec(cls, arg: str, ctx: SourceContext) -> "FocalLoss":
-        if arg:
-            raise KDError(f"teacher '{cls.name}' takes no argument, got '{cls.name}:{arg}'; use --gamma")
-        return cls(ctx.num_classes, cls.value(ctx, "gamma"))
 
     def __init__(self, num_classes: int, gamma: float = 3.0):
         super().__init__(num_classes)
@@ -70,12 +63,6 @@ class AdaptiveFocalLoss(FocalLoss):
     name = "flsd-53"
     summary = "sample-dependent focal loss: gamma 5 where p_y < 0.2, else 3 (Mukhoti et al. 2020)"
     options = ()
-
-    @classmethod
-    def from_spec(cls, arg: str, ctx: SourceContext) -> "AdaptiveFocalLoss":
-        if arg:
-            raise KDError(f"teacher 'flsd-53' takes no argument, got 'flsd-53:{arg}'")
-        return cls(ctx.num_classes)
 
     def __init__(self, num_classes: int):
         super().__init__(num_classes, 3.0)

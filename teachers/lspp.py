@@ -23,7 +23,7 @@ from torch import nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from kd import runs
+from kd import cmatrix, runs
 from kd.metrics import c_movement
 from kd.sources import SourceContext, TargetSource, fraction, spec_number
 
@@ -43,7 +43,7 @@ class LSPPLoss(TargetSource):
 
     def write_artifacts(self, run_dir, class_names, meta) -> None:
         """The learned C-matrix, for `--teacher proxy:RUN_DIR`."""
-        runs.save_c_matrix(run_dir / runs.C_MATRIX, self.c_matrix(), self.alpha, class_names,
+        cmatrix.save_c_matrix(run_dir / runs.C_MATRIX, self.c_matrix(), self.alpha, class_names,
                            {"source": "lspp-learned", "dataset": str(meta.get("dataset", ""))})
 
     @classmethod
@@ -53,8 +53,8 @@ class LSPPLoss(TargetSource):
 
     @classmethod
     def stand_in(cls, ctx: SourceContext) -> "LSPPLoss":
-        return cls(ctx.num_classes, cls.value(ctx, "alpha"), fused=ctx.option("fused", True),
-                   compiled=ctx.option("compiled", False))
+        return cls(ctx.num_classes, cls.value(ctx, "alpha"), fused=ctx.options.get("fused", True),
+                   compiled=ctx.options.get("compiled", False))  # `kd bench` rows' settings
 
     def __init__(self, num_classes: int, alpha: float = 0.1, fused: bool = True, compiled: bool = False):
         """How the two terms are computed: the one-node :class:`_LSPPTerms` (``fused``, the default),

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kd import runs
+from kd import cmatrix, runs
 from kd.errors import KDError
 from kd.sources import SourceContext
 from teachers.lspp import LSPPLoss
@@ -71,7 +71,7 @@ class _LSPPAblation(LSPPLoss):
 
     def write_artifacts(self, run_dir, class_names, meta) -> None:
         """The learned C-matrix, as ``lspp`` writes it, with this loss named in its metadata."""
-        runs.save_c_matrix(run_dir / runs.C_MATRIX, self.c_matrix(), self.alpha, class_names,
+        cmatrix.save_c_matrix(run_dir / runs.C_MATRIX, self.c_matrix(), self.alpha, class_names,
                            {"source": f"{self.name}-learned", "dataset": str(meta.get("dataset", ""))})
 
 

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from kd.errors import KDError
 from kd.losses import soft_cross_entropy
-from kd.sources import Option, SourceContext, TargetSource, label_matrix
+from kd.sources import Option, TargetSource, label_matrix
 
 
 class MarginLabelSmoothing(TargetSource):
@@ -26,12 +25,6 @@ class MarginLabelSmoothing(TargetSource):
     label_only = True
     options = (Option("alpha", "weight of the logit-margin penalty", 0.1, low=0.0, low_open=True),
                Option("margin", "logit gaps to the largest logit up to this are free", 10.0, low=0.0))
-
-    @classmethod
-    def from_spec(cls, arg: str, ctx: SourceContext) -> "MarginLabelSmoothing":
-        if arg:
-            raise KDError(f"teacher 'mbls' takes no argument, got 'mbls:{arg}'; use --alpha and --margin")
-        return cls(ctx.num_classes, cls.value(ctx, "alpha"), cls.value(ctx, "margin"))
 
     def __init__(self, num_classes: int, alpha: float = 0.1, margin: float = 10.0):
         super().__init__(num_classes)

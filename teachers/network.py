@@ -133,7 +133,7 @@ class NetworkTeacher(TargetSource):
 def load_checked_teacher(name: str, arg: str, ctx: SourceContext) -> LoadedTeacher:
     """The teacher network a SPEC argument (or ``make_source``'s ``model=``) names, checked against the data set:
     its outputs mapped to the data's classes (``class_map``) and its input normalisation mapped (``teacher_norm``)."""
-    class_map, norm = ctx.option("class_map"), ctx.option("teacher_norm")
+    class_map, norm = (option.resolve(ctx.options.get(option.name)) for option in TEACHER_OPTIONS)
     if ctx.teacher_model is not None and not arg:  # a network in memory (Python)
         t = LoadedTeacher(ctx.teacher_model)
         k_teacher, names = _outputs(ctx.teacher_model, ctx), None

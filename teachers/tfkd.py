@@ -56,13 +56,6 @@ class TfKDRegularization(TargetSource):
     label_only = True
     options = _options(0.1, 20.0, 100.0, "virtual-teacher")
 
-    @classmethod
-    def from_spec(cls, arg: str, ctx: SourceContext) -> "TfKDRegularization":
-        if arg:
-            raise KDError(f"teacher 'tfkd-reg' takes no argument, got 'tfkd-reg:{arg}'; "
-                          "use --alpha, --temperature, --multiplier")
-        return cls(ctx.num_classes, *(cls.value(ctx, n) for n in ("alpha", "temperature", "multiplier")))
-
     def __init__(self, num_classes: int, alpha: float = 0.1, temperature: float = 20.0, multiplier: float = 100.0):
         if num_classes < 2:
             raise KDError(f"tfkd-reg needs at least 2 classes, got {num_classes}")

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from kd.errors import KDError
 from kd.losses import soft_cross_entropy
-from kd.sources import Option, SourceContext, TargetSource, label_matrix
+from kd.sources import Option, TargetSource, label_matrix
 
 
 def zipf_ranks(logits: torch.Tensor) -> torch.Tensor:
@@ -37,12 +37,6 @@ class ZipfLabelSmoothing(TargetSource):
     options = (Option("alpha", "weight lambda of the Zipf KL term", 0.1, low=0.0, low_open=True),
                Option("power", "Zipf exponent: the non-target class of rank r gets r^-power before renormalising",
                       1.0, low=0.0, low_open=True))
-
-    @classmethod
-    def from_spec(cls, arg: str, ctx: SourceContext) -> "ZipfLabelSmoothing":
-        if arg:
-            raise KDError(f"teacher 'zipf-ls' takes no argument, got 'zipf-ls:{arg}'; use --alpha and --power")
-        return cls(ctx.num_classes, cls.value(ctx, "alpha"), cls.value(ctx, "power"))
 
     def __init__(self, num_classes: int, alpha: float = 0.1, power: float = 1.0):
         if num_classes < 2:

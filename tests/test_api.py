@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kd.config import TrainConfig
-from kd.engine import make_loader
+from kd.data import make_loader
 from kd.errors import KDError
 from kd.models import MLP
 from kd.seeding import seeded

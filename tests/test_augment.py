@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kd.augment import BatchMix, MixedIndex, cutout, parse_rand_augment
+from kd.data.augment import BatchMix, MixedIndex, cutout, parse_rand_augment
 from kd.config import TrainConfig
 from kd.engine import make_accelerator, prepare_training
 from kd.errors import KDError

@@ -109,19 +109,28 @@ def test_cli_error_has_no_traceback_through_a_real_process(tmp_path):
     assert "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0
 
 
-def test_paper_recipes_are_valid_configs():
+def test_paper_table6_sweep_is_valid_and_plans_every_teacher_before_its_students():
+    """configs/paper/table6.yaml: every run's config and source options pass their checks, each student reads a
+    teacher of its own data set that the file trains, and the dry run lists all 43 runs, teachers first."""
     import teachers
-    from kd.config import TrainConfig, load_yaml_config
+    from kd.app.sweep import load_sweep, pending
+    from kd.config import TrainConfig
 
-    files = sorted((ROOT / "configs" / "paper").rglob("*.yaml"))
-    assert len(files) == 43
-    for f in files:
-        cfg = TrainConfig.from_dict(load_yaml_config(f), where=str(f), option_names=teachers.option_names()).validate()
+    path = ROOT / "configs" / "paper" / "table6.yaml"
+    spec = load_sweep(path)
+    assert len(spec["runs"]) == 43
+    trained = set()
+    for run in spec["runs"]:
+        keys = {k: v for k, v in {**spec["base"], **run}.items() if k not in ("name", "verb")}
+        cfg = TrainConfig.from_dict(keys, where=run["name"], option_names=teachers.option_names()).validate()
         source = cfg.teacher.partition(":")[0] if cfg.teacher else cfg.method
         teachers.check_options(source, cfg.options)
         assert cfg.epochs == 200 and cfg.dataset in ("cifar100", "tinyimagenet")
-        if f.name.startswith("student-"):
-            kind, _, path = cfg.teacher.partition(":")
-            assert kind in ("network", "proxy") and path.startswith(f"runs/paper/{cfg.dataset}/teacher-")
-    script = (ROOT / "configs" / "paper" / "table6.sh").read_text()
-    assert all(str(f.relative_to(ROOT)) in script for f in files)
+        if run["verb"] == "distill":
+            kind, _, ref = cfg.teacher.partition(":")
+            teacher = ref.split("/")[1]
+            assert kind in ("network", "proxy") and teacher in trained and teacher.startswith(cfg.dataset + "-teacher-")
+        else:
+            trained.add(run["name"])
+    planned = [line.strip().rsplit(" seed ", 1)[0] for line in pending(path).splitlines() if line.startswith("  ")]
+    assert planned == [run["name"] for run in spec["runs"]]

@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from kd import data
+from kd.data import folders
 from kd.config import TrainConfig
 from kd.data import BatchTransform, ImageFiles, ImageTensors, load_dataset
-from kd.engine import make_loader
+from kd.data import make_loader
 from kd.errors import KDError
 
 # ---------------------------------------------------------------------------------------
@@ -190,7 +190,7 @@ def test_mixed_sizes_are_resized_to_the_first_image_or_the_size_asked_for(tmp_pa
 def test_streaming_path_gives_the_same_items_as_the_in_memory_one(tmp_path, monkeypatch):
     root = make_folder(tmp_path / "pics")
     held = load_dataset(f"imagefolder:{root}")
-    monkeypatch.setattr(data, "IN_MEMORY_LIMIT_BYTES", 0)
+    monkeypatch.setattr(folders, "IN_MEMORY_LIMIT_BYTES", 0)
     split = load_dataset(f"imagefolder:{root}")
     assert isinstance(split.train, ImageFiles) and isinstance(split.test, ImageFiles)
     assert split.info.mean == pytest.approx(held.info.mean, rel=1e-12)  # 18 images: the sample is all of them
@@ -214,8 +214,8 @@ def test_streamed_corrupt_image_is_named_when_read(tmp_path, monkeypatch):
     square_image(np.random.default_rng(3), (1, 2, 3), size=64).save(png, "PNG")
     bad = root / "val" / "cat" / "zz_cut.png"
     bad.write_bytes(png.getvalue()[: len(png.getvalue()) // 2])  # the header reads, the pixels do not
-    monkeypatch.setattr(data, "IN_MEMORY_LIMIT_BYTES", 0)
-    monkeypatch.setattr(data, "STREAM_STATS_IMAGES", 2)
+    monkeypatch.setattr(folders, "IN_MEMORY_LIMIT_BYTES", 0)
+    monkeypatch.setattr(folders, "STREAM_STATS_IMAGES", 2)
     split = load_dataset(f"imagefolder:{root}")
     with pytest.raises(KDError, match="cannot read image .*zz_cut.png"):
         split.test[len(split.test) - 1]

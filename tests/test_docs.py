@@ -55,3 +55,13 @@ def test_benchmarks_readme_cost_tables_are_the_committed_csvs(path):
     else:
         table = markdown(df)
     assert table in BENCH_README.read_text()
+
+
+def test_readme_layout_names_every_module_and_folder_of_kd():
+    """The layout table's kd/ row names each module and package of kd/ (a new file, or a moved one, shows here)."""
+    row = next(line for line in README.read_text().splitlines() if line.startswith("| `kd/` |"))
+    kd_dir = README.parent / "kd"
+    names = {p.stem for p in kd_dir.glob("*.py") if not p.name.startswith("_")}
+    names |= {p.name for p in kd_dir.iterdir() if p.is_dir() and (p / "__init__.py").is_file() and p.name != "app"}
+    missing = sorted(n for n in names if f"`{n}`" not in row and f"`{n}/`" not in row and f"`{n}.py`" not in row)
+    assert not missing, f"README layout: kd/ row does not name {missing}"

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from kd import data
+from kd.data import named
 from kd.config import TrainConfig
 from kd.data import FASHION_MNIST_DEBIAN, load_dataset
 from kd.engine import fit
@@ -53,7 +54,7 @@ def test_idx_files_are_found_under_data_root_and_a_truncated_file_is_refused(tmp
 
 
 def test_missing_files_name_every_place_looked(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "FASHION_MNIST_DEBIAN", tmp_path / "debian")
+    monkeypatch.setattr(named, "FASHION_MNIST_DEBIAN", tmp_path / "debian")
     monkeypatch.setenv("KD_DATA_ROOT", str(tmp_path / "default"))
     with pytest.raises(KDError) as e:
         load_dataset("fashion-mnist", tmp_path)

@@ -7,11 +7,13 @@ import torch
 from safetensors.torch import save_file
 
 from kd.app.cli import main
-from kd.augment import MixedIndex
+from kd.data.augment import MixedIndex
 from kd.errors import KDError
 from kd.losses import soft_cross_entropy
-from teachers.cached import (CachedTeacher, TopKCached, load_cache, save_cache, save_topk_cache, TOPK_FORMAT)
-from teachers.proxy import ProxyTeacher, TopKProxy, load_proxy, save_topk_c_matrix, top_k_rows
+from kd.cmatrix import save_topk_c_matrix, top_k_rows
+from teachers.cached import CachedTeacher, load_cache, save_cache
+from teachers.proxy import ProxyTeacher, load_proxy
+from teachers.topk import CACHE_TOPK_FORMAT as TOPK_FORMAT, TopKCached, TopKProxy, save_topk_cache
 
 
 def cli(*argv):
@@ -177,8 +179,8 @@ def test_sparse_proxy_files_are_checked(tmp_path):
     with pytest.raises(KDError, match="probability vectors"):
         load_proxy(bad2)
     # the dense form still loads as before
-    from kd import runs
-    runs.save_c_matrix(tmp_path / "d.safetensors", _c(), 0.1, [])
+    from kd import cmatrix
+    cmatrix.save_c_matrix(tmp_path / "d.safetensors", _c(), 0.1, [])
     assert type(load_proxy(tmp_path / "d.safetensors")) is ProxyTeacher
 
 

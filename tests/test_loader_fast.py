@@ -81,8 +81,8 @@ def _ra_images(b=24):
 
 
 def test_batched_rand_augment_equals_per_image_application_of_the_same_draws():
-    from kd.augment import RAND_AUGMENT_OPS, BatchRandAugment, rand_augment_op
-    from kd.augment import _RA_SPACE
+    from kd.data.augment import RAND_AUGMENT_OPS, BatchRandAugment, rand_augment_op
+    from kd.data.augment import _RA_SPACE
 
     x = _ra_images()
     ra = BatchRandAugment(9, 2)
@@ -109,8 +109,8 @@ def test_rand_augment_ops_follow_torchvision_definition():
     import pytest
     from torchvision.transforms import v2
 
-    from kd.augment import RAND_AUGMENT_OPS, BatchRandAugment, rand_augment_op
-    from kd.augment import _RA_SPACE
+    from kd.data.augment import RAND_AUGMENT_OPS, BatchRandAugment, rand_augment_op
+    from kd.data.augment import _RA_SPACE
 
     tv = v2.RandAugment(num_ops=1, magnitude=9)
     apply = getattr(tv, "_apply_image_or_video_transform", None)
@@ -129,7 +129,7 @@ def test_rand_augment_ops_follow_torchvision_definition():
 
 
 def test_worker_rand_augment_is_reproducible_and_independent_of_workers():
-    from kd.augment import WorkerAugmentLoader
+    from kd.data.augment import WorkerAugmentLoader
 
     x = _ra_images(40)
     y = torch.arange(40) % 10
@@ -150,7 +150,7 @@ def test_worker_rand_augment_is_reproducible_and_independent_of_workers():
 def test_rand_augment_refuses_float_batches():
     import pytest
 
-    from kd.augment import BatchRandAugment
+    from kd.data.augment import BatchRandAugment
     from kd.errors import KDError
 
     with pytest.raises(KDError):

@@ -244,7 +244,7 @@ def test_fused_node_refuses_double_backward_and_the_definition_allows_it():
 
 
 def test_bench_rows_time_both_forms():
-    from benchmarks.cost import bench_rows
+    from benchmarks.harness import bench_rows
 
     assert LSPPLoss.bench_rows() == {"lspp": {}, "lspp-compiled": {"compiled": True}, "lspp-autograd": {"fused": False}}
     assert {"lspp", "lspp-compiled", "lspp-autograd"} <= set(bench_rows())

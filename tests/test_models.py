@@ -3,7 +3,7 @@ import torch
 
 from kd.errors import KDError
 from kd.models import MODELS, create_model
-from kd.text import TEXT_MODELS
+from kd.data.text import TEXT_MODELS
 
 
 @pytest.mark.parametrize("name", sorted(set(MODELS) - set(TEXT_MODELS)))  # text models: tests/test_text.py

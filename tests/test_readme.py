@@ -25,10 +25,13 @@ def test_demo_prints_teacher_and_four_students(capsys):
     rows = run_demo(teacher_epochs=3, student_epochs=5, device="cpu")
     out = capsys.readouterr().out
     assert [r["run"].split(" <- ")[-1] for r in rows[1:]] == ["onehot", "ls", "LS++ network (online KD)", "PT-LS++ (C-matrix)"]
-    # 10 classes, chance is 0.1. Measured on 2 CPU cores: the 3-epoch LS++ teacher reaches 0.93-0.95
-    # (seeds 0-5), the 5-epoch students 0.32-0.74 (1-hot and LS, seeds 0-3; 0.49-0.60 at seed 0)
-    assert rows[0]["acc"] > 0.8
-    assert all(0.2 < r["acc"] <= 1 and math.isfinite(r["nll"]) for r in rows[1:])
+    # What the run must show on any CPU (runs are not bit-identical across CPUs, so no level measured on one
+    # machine is asserted): 10 classes, chance 0.1; the LS++ teacher learned (8x chance) and every student beat
+    # chance twice over. For scale, 2-core CPUs here gave 0.93-0.95 for the teacher and 0.32-0.74 for the
+    # 5-epoch students over seeds 0-5: the bands sit far from both.
+    chance = 1 / 10
+    assert rows[0]["acc"] > 8 * chance
+    assert all(2 * chance < r["acc"] <= 1 and math.isfinite(r["nll"]) for r in rows[1:])
     assert len({r["nll"] for r in rows[1:]}) == 4  # four different trainings, not one run four times
     assert "| run | test acc | NLL | ECE | s/epoch |" in out
     assert "| network |" in out and "network / proxy step time" in out
@@ -39,11 +42,11 @@ def test_demo_prints_teacher_and_four_students(capsys):
     assert [r[0] for r in c_rows] == [f"| {i}" for i in range(10)]
     weights = [[float(w) for w in re.findall(r"\((0\.\d+)\)", r[1])] for r in c_rows]
     assert all(len(w) == 2 and 1 >= w[0] >= w[1] > 0 for w in weights)
-    # C left uniform (1/9 = 0.111) is the failure this guards against; after 3 epochs the largest
-    # weight was 0.217-0.313 over seeds 0-5 (0.232 at seed 0); with SGD it stayed at 0.114-0.128 after 15
-    assert max(w[0] for w in weights) > 0.16
-    # and C's strongest non-target matches the teacher's own test confusion more often than chance
-    # (1.1 of 10): 4-7 of 10 over seeds 0-5 (6 at seed 0)
+    # C moved off uniform (1/9: the failure this guards against): its largest weight 40% above it (0.217-0.313
+    # over seeds 0-5 here; with SGD it stayed at 0.114-0.128 after 15 epochs, which this would catch)
+    assert max(w[0] for w in weights) > 1.4 / 9
+    # and C's strongest non-target is the teacher's own test confusion far more often than chance (1.1 of 10):
+    # 3 or more (4-7 of 10 over seeds 0-5 here)
     agree = re.search(r"confusion for (\d+) of 10 classes, one of its two strongest for (\d+) of 10", out)
     assert agree and int(agree[1]) >= 3 and int(agree[2]) >= int(agree[1])
 

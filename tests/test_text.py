@@ -8,11 +8,12 @@ import torch
 from benchmarks import fortunes_data
 from kd.config import TrainConfig
 from kd.data import load_dataset, load_dataset_of_run, validation_split
-from kd.engine import make_loader, predict
+from kd.data import make_loader
+from kd.engine import predict
 from kd.errors import KDError
 from kd.models import create_model
 from kd.runs import load_safetensors, read_summary
-from kd.text import FIRST_ID, PAD_ID, TEXT_MODELS, UNK_ID, NgramTokenizer, TextDataset, TextOptions
+from kd.data.text import FIRST_ID, PAD_ID, TEXT_MODELS, UNK_ID, NgramTokenizer, TextDataset, TextOptions
 from teachers.network import load_teacher_network
 
 FORTUNES = fortunes_data.FORTUNES

@@ -10,8 +10,6 @@ from dataclasses import replace
 import torch
 
 import teachers
-from benchmarks.cost import PRESETS, bench_rows, markdown, run_bench
-from benchmarks.loader import loader_ratio
 from kd.app.demo import run_demo
 from kd.app.jobs import cache_job, distill_job, export_proxy_job, train_teacher_job
 from kd.app.sweep import run_sweep, summary_table
@@ -135,7 +133,7 @@ def config_from_args(args: argparse.Namespace, skip: tuple[str, ...] = ()) -> Tr
     names = teachers.option_names()
     given = {k: v for k, v in vars(args).items()
              if (k in TrainConfig.__dataclass_fields__ or k in names) and k not in skip and k != "options"}
-    return cfg.updated(given, where="flags", option_names=names).validate()
+    return cfg.updated(given, where="flags", option_names=names)  # checked once, by the job
 
 
 def _train(args, student: bool) -> int:
@@ -146,12 +144,11 @@ def _train(args, student: bool) -> int:
                                                 for k in vars(args)):
             raise KDError("--resume continues a run with its own config.yaml; give only --out (and --lr to lower "
                           "the learning rate, --quiet)")
-        cfg = TrainConfig.from_dict(resumable_config(args.out), where=f"{args.out}/config.yaml",
-                                    option_names=names).validate()
+        cfg = TrainConfig.from_dict(resumable_config(args.out), where=f"{args.out}/config.yaml", option_names=names)
         source = cfg.teacher.partition(":")[0] if student and cfg.teacher else cfg.method
         cfg = replace(cfg, options=teachers.declared_options(source, cfg.options))
         if "lr" in vars(args):  # e.g. after a diverged epoch: continue from the last good checkpoint, slower
-            cfg = cfg.updated({"lr": args.lr}).validate()
+            cfg = cfg.updated({"lr": args.lr})
     else:
         cfg = config_from_args(args)
     job = distill_job if student else train_teacher_job
@@ -229,6 +226,8 @@ def _cmd_large_k_bench(args) -> int:
 
 
 def _cmd_bench(args) -> int:
+    from benchmarks.cost import markdown, run_bench  # the benchmarks load where their verbs run
+
     out = check_new_file(args.out) if args.out else None
     sources = tuple(s.strip() for s in args.sources.split(",") if s.strip())
     df = run_bench(args.preset, args.device, args.batch_size, args.steps, args.repeats, args.warmup, args.amp,
@@ -241,6 +240,8 @@ def _cmd_bench(args) -> int:
 
 
 def _cmd_loader_bench(args) -> int:
+    from benchmarks.loader import loader_ratio
+
     out = check_new_file(args.out) if args.out else None
     r = loader_ratio(args.dataset, args.model, args.batch_size, args.repeats, args.data_root, args.device,
                      log=None if args.quiet else print, aa=args.aa, num_workers=args.num_workers)
@@ -344,7 +345,10 @@ def _proxy_parser(sub) -> None:
     e.add_argument("--dataset", default=None, help="with --model: the data set the network runs on (a run's own by default)")
     e.add_argument("--from", dest="source", choices=["auto", "learned", "measured"], default="auto",
                    help="auto: learned where the run has one, else measured")
-    e.add_argument("--alpha", type=float, default=None, help="alpha stored with the proxy (default: the run's, else 0.1)")
+    alpha = teachers.SOURCES["proxy"].option("alpha")  # the proxy's own option: its flag, type and check
+    e.add_argument(alpha.flag, type=alpha.type, default=None,
+                   help=f"weight of C in the target, stored with the proxy ({alpha.bounds()}; default: the run's, "
+                   f"else {teachers.DEFAULT_ALPHA:g})")
     e.add_argument("--data-root", default=None)
     _device_flag(e)
     e.add_argument("--top-k", type=int, default=None, metavar="K",
@@ -397,12 +401,13 @@ def _timing_flags(p) -> None:
 
 
 def _bench_parser(sub) -> None:
-    rows = bench_rows()
+    rows = teachers.bench_rows()
     p = sub.add_parser("bench", help="time one training step per teacher source, side by side",
                        description="Time a full training step of a preset's student for each target source "
                        "(bare PyTorch loop, then every registered source on stand-in artifacts: " + ", ".join(rows[1:])
                        + "), interleaved over repeats; prints medians and ratios to onehot.")
-    p.add_argument("--preset", required=True, choices=list(PRESETS))
+    p.add_argument("--preset", required=True, help="the student, teacher and input shapes timed: a name in "
+                   "benchmarks/cost.py's PRESETS (an unknown name lists them)")
     _timing_flags(p)
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--sources", default=",".join(rows), help="comma-separated subset of " + ",".join(rows))

@@ -23,30 +23,19 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.cost import markdown, run_bench
-from kd import runs
+from kd import cmatrix, runs
 from kd.app.jobs import distill_job, train_teacher_job
 from kd.config import TrainConfig
 from kd.data import load_dataset
 from kd.engine import predict, resolve_device
-from kd.metrics import c_neighbours, top_confusions
+from kd.metrics import MIN_ERRORS, c_beside_network
+from kd.tables import markdown_table
 
 TEACHER_MODEL = "lenet"
 STUDENT_MODEL = "lenet"
 DATASET = "digits"
 #: The teacher's recipe (TrainConfig fields): AdamW so that C's small gradient still moves it.
 TEACHER_RECIPE = {"optimizer": "adamw", "lr": 0.02, "batch_size": 32, "warmup_epochs": 0.0}
-#: A class's test errors name its confusion only from this many errors into one class on.
-MIN_ERRORS = 2
-
-
-def markdown_table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
-    """A markdown table; cols are (key, header, format spec)."""
-    head = "| " + " | ".join(h for _, h, _ in cols) + " |"
-    sep = "|" + "|".join("---" for _ in cols) + "|"
-    body = ["| " + " | ".join(format(r[k], f) for k, _, f in cols) + " |" for r in rows]
-    return "\n".join([head, sep, *body])
-
 
 RESULT_COLS = [("run", "run", "s"), ("acc", "test acc", ".4f"), ("nll", "NLL", ".4f"), ("ece", "ECE", ".4f"),
                ("s_epoch", "s/epoch", ".3f")]
@@ -62,40 +51,25 @@ def _row(name: str, summary: dict) -> dict:
 
 def c_neighbour_rows(c: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
                      names: list[str]) -> tuple[list[dict], int, int]:
-    """Per class: C's two strongest non-targets, and the class the teacher network confuses it with.
-
-    The confusion is the class's most frequent wrong prediction on the test set when it is made
-    at least MIN_ERRORS times, otherwise the class with the highest mean softmax after the true
-    class over the class's test samples (the runner-up). Returns the rows, how many classes have
-    C's strongest non-target equal to that class, and how many have it among C's two strongest.
-    """
-    k = len(c)
-    pred = logits.argmax(1)
-    counts = torch.zeros(k, k, dtype=torch.long)
-    counts.index_put_((labels, pred), torch.ones_like(labels), accumulate=True)
-    confused = [row[0] for row in top_confusions(pred, labels, k, 1)]
-    probs = logits.float().softmax(1)
-    mean_p = torch.stack([probs[labels == i].mean(0) for i in range(k)])
-    mean_p.fill_diagonal_(-1.0)
-    runner_up = mean_p.argmax(1).tolist()
+    """Per class: C's two strongest non-targets, and the class the teacher network takes it for most
+    (:func:`kd.metrics.c_beside_network`: its most frequent error on the test set when made at least
+    MIN_ERRORS times, otherwise its runner-up). Returns the rows, how many classes have C's strongest
+    non-target equal to that class, and how many have it among C's two strongest."""
     rows, first, top2 = [], 0, 0
-    for i, neigh in enumerate(c_neighbours(c, 2)):
-        n_err = int(counts[i, confused[i]])
-        if n_err >= MIN_ERRORS:
-            j, how = confused[i], f"{names[confused[i]]} ({n_err} errors)"
-        else:
-            j, how = runner_up[i], f"{names[runner_up[i]]} (runner-up, mean p {float(mean_p[i, runner_up[i]]):.3f})"
-        first += j == neigh[0]
-        top2 += j in neigh
-        agree = "yes" if j == neigh[0] else ("2nd" if j in neigh else "no")
-        rows.append({"cls": names[i], "c": ", ".join(f"{names[n]} ({float(c[i, n]):.3f})" for n in neigh),
-                     "net": how, "agree": agree})
+    for i, r in enumerate(c_beside_network(c, logits, labels, 2)):
+        j, n_err, p = r["net"][0]
+        near = [n for n, _ in r["c"]]
+        how = f"{names[j]} ({n_err} errors)" if n_err >= MIN_ERRORS else f"{names[j]} (runner-up, mean p {p:.3f})"
+        first += r["first"]
+        top2 += j in near
+        rows.append({"cls": names[i], "c": ", ".join(f"{names[n]} ({w:.3f})" for n, w in r["c"]), "net": how,
+                     "agree": "yes" if r["first"] else ("2nd" if j in near else "no")})
     return rows, first, top2
 
 
 def print_c_table(teacher_dir: Path, teacher_model: torch.nn.Module, device: str) -> None:
     """What the LS++ C-matrix learned, beside what the teacher network does on unseen data."""
-    c, meta = runs.load_c_matrix(teacher_dir)
+    c, meta = cmatrix.load_c_matrix(teacher_dir)
     names = meta["class_names"]
     split = load_dataset(DATASET)
     logits, labels = predict(teacher_model, split.test, split.info, device=resolve_device(device))
@@ -111,6 +85,8 @@ def print_c_table(teacher_dir: Path, teacher_model: torch.nn.Module, device: str
 
 def print_cost_table(device: str = "auto", steps: int = 3, repeats: int = 5) -> None:
     """What one student step costs with each teacher kind, measured side by side (see `kd bench`)."""
+    from benchmarks.cost import markdown, run_bench  # the benchmarks load where they run
+
     dev = resolve_device(device)
     print(f"\nCost of one student training step on {dev} (`kd bench --preset digits` for the full table)")
     df = run_bench("digits", dev, steps=steps, repeats=repeats, sources=("onehot", "proxy", "network"), log=None)

@@ -11,21 +11,23 @@ import warnings
 import torch
 import yaml
 
-from kd import models, runs
+from kd import cmatrix, models, runs
 from kd.calibration import CALIBRATION, calibrate_logits, read_calibration
 from kd.config import TrainConfig
 from kd.data import DataSplit, load_dataset, load_dataset_of_run, validation_split
-from kd.engine import FitResult, fit, predict, resolve_device
+from kd.engine import FitResult, predict, resolve_device
 from kd.errors import KDError
 from kd.lock import run_lock
 from kd.seeding import seeded
-from kd.text import (TOKENIZER_FILE, check_model_fits, check_teacher_tokenizer, hf_path, save_run_tokenizer,
+from kd.data.text import (TOKENIZER_FILE, check_model_fits, check_teacher_tokenizer, hf_path, save_run_tokenizer,
                      text_meta, text_options, text_path)
-from students import run_distill
-from teachers import DEFAULT_ALPHA, make_source, teacher_from_spec
-from teachers.cached import save_cache, save_topk_cache
+from students import run_distill, run_teacher, teacher_source
+from teachers import make_source, teacher_from_spec
+from teachers.cached import save_cache
 from teachers.network import NetworkTeacher, load_teacher_network
-from teachers.proxy import ProxyTeacher, check_top_k, measure_c_matrix, save_topk_c_matrix, top_k_rows
+from kd.cmatrix import check_top_k, proxy_alpha, save_topk_c_matrix, top_k_rows
+from teachers.proxy import measure_c_matrix
+from teachers.topk import save_topk_cache
 
 
 def model_meta(cfg: TrainConfig, split: DataSplit, model_name: str) -> dict[str, Any]:
@@ -98,18 +100,16 @@ def train_teacher_job(cfg: TrainConfig, out: str | Path, progress: bool = True, 
     own = Path(out) / TOKENIZER_FILE  # a resumed text run encodes with the tokenizer it started with
     split, num_train, eval_name = load_split(cfg.updated({"tokenizer": str(own)}) if resume and own.is_file()
                                              and cfg.tokenizer is None and hf_path(cfg.model) is None else cfg)
-    source = make_source(cfg.method, split.info.num_classes, label_only=True, dataset=split.info.name,
-                         num_train=num_train, info=split.info, **cfg.source_options())
+    source = teacher_source(cfg, split.info.num_classes, split.info, num_train)
     name, model, cfg = build_model(cfg, split, resume, log)
-    resolved = cfg.updated({"model": name}).with_options(alpha=getattr(source, "alpha", None))
-    meta = {"kind": "teacher", "method": cfg.method, "source": source.name, "alpha": resolved.options.get("alpha"),
-            **model_meta(cfg, split, name)}
+    resolved = cfg.updated({"model": name}).with_options(**source.resolved_options())
     with run_lock(out, runs.launch_rank()):  # a second run on the same --out refuses instead of interleaving
         run_dir = _start_or_continue(out, resolved, resume)
         if runs.launch_rank() == 0:
             save_run_tokenizer(run_dir, split)  # text: the students, cache and proxy of this run encode with it
-        return fit(model, source, split.train, split.test, resolved, info=split.info, run_dir=run_dir,
-                   meta=meta, progress=progress, log=log, resume=resume, eval_name=eval_name)
+        return run_teacher(model, source, split.train, split.test, resolved, info=split.info, run_dir=run_dir,
+                           meta=model_meta(cfg, split, name), progress=progress, log=log, resume=resume,
+                           eval_name=eval_name)
 
 
 def distill_job(cfg: TrainConfig, out: str | Path, progress: bool = True, log=print,
@@ -118,7 +118,6 @@ def distill_job(cfg: TrainConfig, out: str | Path, progress: bool = True, log=pr
 
     Without ``--dataset`` the data set is the teacher's where its files name one (a run directory, a
     proxy or a cache made by proxykd), prepared as the teacher's was; else digits."""
-    cfg.validate()
     if not cfg.teacher:
         raise KDError("--teacher SPEC is required")
     if cfg.dataset is None:
@@ -128,13 +127,12 @@ def distill_job(cfg: TrainConfig, out: str | Path, progress: bool = True, log=pr
     cfg = teacher_text(cfg, run)
     _open_run(out, resume)
     split, num_train, eval_name = load_split(cfg)
-    teacher = teacher_from_spec(cfg.teacher, split.info, num_train, **cfg.source_options())
+    teacher = teacher_from_spec(cfg.teacher, split.info, num_train, **cfg.options)
     if teacher.needs_inputs and run is not None:  # a network teacher reads the student's token ids
         check_teacher_tokenizer(cfg.teacher, split, run)
     name, student, cfg = build_model(cfg, split, resume, log)
-    resolved = cfg.updated({"model": name}).with_options(alpha=getattr(teacher, "alpha", None))
-    meta = {"kind": "student", "teacher": cfg.teacher, "teacher_kind": cfg.teacher.partition(":")[0], "source": teacher.name,
-            "alpha": resolved.options.get("alpha"), **model_meta(cfg, split, name)}
+    resolved = cfg.updated({"model": name}).with_options(**teacher.resolved_options())
+    meta = {"teacher": cfg.teacher, "teacher_kind": cfg.teacher.partition(":")[0], **model_meta(cfg, split, name)}
     with run_lock(out, runs.launch_rank()), warnings.catch_warnings():
         run_dir = _start_or_continue(out, resolved, resume)
         if runs.launch_rank() == 0:
@@ -270,8 +268,7 @@ def export_proxy_job(run_dir: str | Path | None, out: str | Path, source: str = 
     """
     out = runs.check_new_file(out)
     run = Path(run_dir) if run_dir is not None else None
-    if alpha is not None:
-        alpha = ProxyTeacher.option("alpha").check(alpha, "proxy")
+    proxy_alpha(alpha)  # a bad --alpha is refused before the pass over the data
     has_learned = run is not None and (run / runs.C_MATRIX).is_file()
     if source == "auto":
         source = "learned" if has_learned and class_map is None else "measured"
@@ -285,8 +282,8 @@ def export_proxy_job(run_dir: str | Path | None, out: str | Path, source: str = 
             top_k = check_top_k(top_k, meta["num_classes"])
         if not has_learned:
             raise KDError(f"{run} has no learned C-matrix (not an LS++ run); use --from measured")
-        c, cmeta = runs.load_c_matrix(run)
-        a = alpha if alpha is not None else cmeta["alpha"]
+        c, cmeta = cmatrix.load_c_matrix(run)
+        a = proxy_alpha(alpha, cmeta.get("alpha"))
         names = cmeta.get("class_names") or meta.get("class_names")
         data_name, extra = meta.get("dataset", ""), {"teacher_run": str(run)}
     else:
@@ -297,8 +294,7 @@ def export_proxy_job(run_dir: str | Path | None, out: str | Path, source: str = 
             top_k = check_top_k(top_k, split.info.num_classes)
         logits, labels = _teacher_train_logits(teacher, split, device)
         c = measure_c_matrix(logits.softmax(-1), labels, split.info.num_classes)
-        run_alpha = runs.read_summary(run).get("alpha") if run is not None else None
-        a = alpha if alpha is not None else (run_alpha or DEFAULT_ALPHA)
+        a = proxy_alpha(alpha, runs.read_summary(run).get("alpha") if run is not None else None)
         names = split.info.class_names
         data_name = split.info.name
         extra = {"teacher_run": described} if run is not None else {"teacher": described}
@@ -310,7 +306,7 @@ def export_proxy_job(run_dir: str | Path | None, out: str | Path, source: str = 
         values, indices = top_k_rows(c, top_k)
         save_topk_c_matrix(out, values, indices, a, names, extra)
     else:
-        runs.save_c_matrix(out, c, a, names, extra)
+        cmatrix.save_c_matrix(out, c, a, names, extra)
     return out
 
 
