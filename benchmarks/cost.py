@@ -20,13 +20,14 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
-from benchmarks.harness import (SUFFIXES, Cycle, bare_runner, bench_rows, compiled_suffix, framework_runner, load_average,
-                                paired_ratio, row_table, stand_in_source, sync, timed_repeats, timing_columns, warm_up)
+from benchmarks.harness import (SUFFIXES, Cycle, bare_runner, compiled_suffix, framework_runner, load_average,
+                                paired_ratio, stand_in_source, sync, timed_repeats, timing_columns, warm_up)
 from kd.config import TrainConfig
 from kd.data import ImageTensors, dataset_info, load_dataset, make_loader
 from kd.engine import AMP_DTYPES, machine_name, resolve_device
 from kd.errors import KDError
 from kd.models import create_model
+from teachers import bench_rows, row_table
 
 
 @dataclass(frozen=True)

@@ -115,7 +115,6 @@ class SourceContext:
     artifacts: dict[str, Any] = field(default_factory=dict)
 
 
-
 class TargetSource(nn.Module):
     """Base class. Subclasses implement :meth:`targets`; :meth:`loss_terms` trains on them.
 

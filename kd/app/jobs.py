@@ -11,21 +11,21 @@ import warnings
 import torch
 import yaml
 
-from kd import cmatrix, models, runs
+from kd import models, runs
 from kd.calibration import CALIBRATION, calibrate_logits, read_calibration
+from kd.cmatrix import check_top_k, load_c_matrix, proxy_alpha, save_c_matrix, save_topk_c_matrix, top_k_rows
 from kd.config import TrainConfig
 from kd.data import DataSplit, load_dataset, load_dataset_of_run, validation_split
+from kd.data.text import (TOKENIZER_FILE, check_model_fits, check_teacher_tokenizer, hf_path, save_run_tokenizer,
+                          text_meta, text_options, text_path)
 from kd.engine import FitResult, predict, resolve_device
 from kd.errors import KDError
 from kd.lock import run_lock
 from kd.seeding import seeded
-from kd.data.text import (TOKENIZER_FILE, check_model_fits, check_teacher_tokenizer, hf_path, save_run_tokenizer,
-                     text_meta, text_options, text_path)
 from students import run_distill, run_teacher, teacher_source
 from teachers import make_source, teacher_from_spec
 from teachers.cached import save_cache
 from teachers.network import NetworkTeacher, load_teacher_network
-from kd.cmatrix import check_top_k, proxy_alpha, save_topk_c_matrix, top_k_rows
 from teachers.proxy import measure_c_matrix
 from teachers.topk import save_topk_cache
 
@@ -282,7 +282,7 @@ def export_proxy_job(run_dir: str | Path | None, out: str | Path, source: str = 
             top_k = check_top_k(top_k, meta["num_classes"])
         if not has_learned:
             raise KDError(f"{run} has no learned C-matrix (not an LS++ run); use --from measured")
-        c, cmeta = cmatrix.load_c_matrix(run)
+        c, cmeta = load_c_matrix(run)
         a = proxy_alpha(alpha, cmeta.get("alpha"))
         names = cmeta.get("class_names") or meta.get("class_names")
         data_name, extra = meta.get("dataset", ""), {"teacher_run": str(run)}
@@ -306,7 +306,7 @@ def export_proxy_job(run_dir: str | Path | None, out: str | Path, source: str = 
         values, indices = top_k_rows(c, top_k)
         save_topk_c_matrix(out, values, indices, a, names, extra)
     else:
-        cmatrix.save_c_matrix(out, c, a, names, extra)
+        save_c_matrix(out, c, a, names, extra)
     return out
 
 
