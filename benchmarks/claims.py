@@ -6,7 +6,7 @@ direction *holds*, one the other way *does not hold*, anything else is *within n
 seeds a side the test only resolves differences of a few standard errors: it says what this study
 can tell apart, not that smaller effects are absent.
 
-    python -m benchmarks.claims            # prints the markdown table benchmarks/README.md carries
+    python -m benchmarks.claims            # prints the markdown table benchmarks/study.md carries
     python -m benchmarks.claims --questions   # the project's own questions (C's learning rate)
     python -m benchmarks.claims --since REV   # the verdicts that differ from those of git revision REV's CSVs
 """

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CPU cost tables quoted in benchmarks/README.md, one CSV per part under benchmarks/results/
+# The CPU cost tables quoted in benchmarks/step-cost.md and large-k.md, one CSV per part under benchmarks/results/
 # (cost_<preset>_cpu<tag>.csv, never overwriting an earlier one). Steps are interleaved one at a
 # time across the sources (--steps 1) with many repeats, because shared CPU machines drift by
 # several percent.

@@ -9,7 +9,7 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     """Mean over the batch of H(targets, softmax(logits)) = -sum targets * log_softmax(logits).
 
     torch's cross-entropy with probability targets, faster than the written-out
-    ``-(t * log_softmax).sum(1).mean()`` (benchmarks/README.md, "Measurements behind implementation choices").
+    ``-(t * log_softmax).sum(1).mean()`` (benchmarks/step-cost.md, "Measurements behind implementation choices").
     """
     return F.cross_entropy(logits.float(), targets.float())
 

@@ -94,7 +94,7 @@ class LSPPLoss(TargetSource):
         with torch.no_grad():
             return self.log_c_matrix().exp()
 
-    #: C within this share of uniform's entropy at the end of a run gets the end note (3%: see benchmarks/README.md)
+    #: C within this share of uniform's entropy at the end of a run gets the end note (3%: see benchmarks/cmatrix.md)
     UNIFORM_SHARE = 0.97
 
     def epoch_stats(self) -> dict[str, float]:
@@ -110,7 +110,7 @@ class LSPPLoss(TargetSource):
 
     def end_note(self, last: dict) -> str | None:
         """One line when C ended within 3% of uniform's entropy: either the classes have no neighbours to
-        find (a correct C) or C learned too slowly for this run (the measurement is in benchmarks/README.md)."""
+        find (a correct C) or C learned too slowly for this run (the measurement is in benchmarks/cmatrix.md)."""
         share = last.get("c_entropy_share")
         if share is None or share < self.UNIFORM_SHARE:
             return None
@@ -119,7 +119,7 @@ class LSPPLoss(TargetSource):
                 f"{100 * share:.1f}% of log(K-1), mean row max {last['c_row_max']:.3f} against 1/(K-1) = "
                 f"{1 / (k - 1):.3f}): either the classes have no neighbours to find, or C learned too slowly for "
                 f"this run: then raise --c-lr-scale (c_lr_scale; 10 moved C in the short runs measured in "
-                f"benchmarks/README.md), or train more steps")
+                f"benchmarks/cmatrix.md), or train more steps")
 
     def log_target_table(self) -> torch.Tensor:
         """K x K log T with T = (1 - alpha) I + alpha C, exact in log space; row y is log t for class y."""
@@ -220,7 +220,7 @@ class _LSPPTerms(torch.autograd.Function):
 
     It is the default because the loss alone runs 1.4-1.65x faster than the plain-autograd form
     (in a whole LeNet step the difference is within noise); the measurements are in
-    benchmarks/README.md, "Measurements behind implementation choices".
+    benchmarks/step-cost.md, "Measurements behind implementation choices".
     """
 
     @staticmethod

@@ -9,7 +9,7 @@ class LabelSmoothing(TableSource):
 
     Trained through the table (a row gather and the fused soft-target cross-entropy): equal in
     value to ``F.cross_entropy(..., label_smoothing=alpha)`` and cheaper than torch's
-    label-smoothing path, which is not fused (benchmarks/README.md, "Measurements behind
+    label-smoothing path, which is not fused (benchmarks/step-cost.md, "Measurements behind
     implementation choices").
     """
 

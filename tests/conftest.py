@@ -9,6 +9,11 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 
+def bench_pages() -> str:
+    """The text of every benchmarks page (benchmarks/README.md is their index): a table quoted on any of them counts."""
+    return "\n".join(p.read_text() for p in sorted((ROOT / "benchmarks").glob("*.md")))
+
+
 @pytest.fixture
 def kd_main(capsys):
     """Run the CLI in-process; returns (exit code, stdout, stderr)."""

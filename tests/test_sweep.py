@@ -2,6 +2,7 @@
 import pandas as pd
 import pytest
 
+from conftest import ROOT, bench_pages
 from kd.app.sweep import load_sweep, run_sweep, summary_table
 from kd.errors import KDError
 
@@ -78,7 +79,6 @@ def test_summary_table_reports_mean_and_sample_std():
 
 
 def test_committed_sweep_files_are_valid():
-    from conftest import ROOT
 
     files = sorted((ROOT / "benchmarks" / "sweeps").glob("*.yaml"))
     assert {f.name for f in files} >= {"fmnist_table3.yaml", "fmnist_table6.yaml"}
@@ -88,22 +88,20 @@ def test_committed_sweep_files_are_valid():
 
 @pytest.mark.parametrize("name", ["fmnist_table3", "fmnist_table6"])
 def test_readme_results_table_is_the_committed_csv(name):
-    from conftest import ROOT
 
     csv = ROOT / "benchmarks" / "results" / f"{name}.csv"
     df = pd.read_csv(csv)
     graded = df[df["verb"] == "distill"] if (df["verb"] == "distill").any() else df  # teachers: one seed
     assert graded.groupby("name")["seed"].nunique().min() >= 3
     table = summary_table(df)
-    assert table in (ROOT / "benchmarks" / "README.md").read_text()
+    assert table in bench_pages()
     assert table in (ROOT / "benchmarks" / "results" / f"{name}.md").read_text()
 
 
 def _study_results():
-    """(sweep file, results prefix) for every committed sweep whose CSV benchmarks/README.md names."""
-    from conftest import ROOT
+    """(sweep file, results prefix) for every committed sweep whose CSV a benchmarks page names."""
 
-    readme = (ROOT / "benchmarks" / "README.md").read_text()
+    readme = bench_pages()
     out = []
     for f in sorted((ROOT / "benchmarks" / "sweeps").glob("*.yaml")):
         prefix = ROOT / load_sweep(f)["results"]
@@ -114,11 +112,10 @@ def _study_results():
 
 @pytest.mark.parametrize("sweep, prefix", _study_results())
 def test_benchmarks_readme_study_tables_are_the_committed_csvs(sweep, prefix):
-    """Each table in benchmarks/README.md is made from its CSV by the sweep's own functions."""
-    from conftest import ROOT
+    """Each study table on the benchmarks pages is made from its CSV by the sweep's own functions."""
     from kd.app.sweep import selection_table
 
-    readme = (ROOT / "benchmarks" / "README.md").read_text()
+    readme = bench_pages()
     df = pd.read_csv(prefix.with_suffix(".csv"))
     assert summary_table(df) in readme and summary_table(df) in prefix.with_suffix(".md").read_text()
     sel = prefix.with_name(prefix.name + "_selection.csv")
@@ -132,26 +129,23 @@ def test_benchmarks_readme_study_tables_are_the_committed_csvs(sweep, prefix):
 
 
 def test_benchmarks_readme_claims_table_is_made_from_the_committed_csvs():
-    from conftest import ROOT
     from benchmarks.claims import claims_frame, markdown
 
     df = claims_frame()
     if df.empty:
         pytest.skip("no study CSV committed yet")
-    assert markdown(df) in (ROOT / "benchmarks" / "README.md").read_text()
+    assert markdown(df) in bench_pages()
 
 
 def test_benchmarks_readme_c_learning_rate_questions_are_made_from_the_committed_csvs():
-    from conftest import ROOT
     from benchmarks.claims import QUESTIONS, claims_frame, questions_markdown
 
     df = claims_frame(claims=QUESTIONS)
     assert len(df) == len(QUESTIONS)  # every question has both rows in its committed CSV
-    assert questions_markdown(df) in (ROOT / "benchmarks" / "README.md").read_text()
+    assert questions_markdown(df) in bench_pages()
 
 
 def _committed_selections():
-    from conftest import ROOT
 
     for f in sorted((ROOT / "benchmarks" / "sweeps").glob("*.yaml")):
         spec = load_sweep(f)

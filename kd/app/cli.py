@@ -469,7 +469,7 @@ def _sweep_parser(sub) -> None:
     p = sub.add_parser("sweep", help="a grid of runs x seeds from one YAML file, resumable",
                        description="Run every (run, seed) of a sweep file, skipping finished runs, then write a tidy "
                        "CSV and a markdown table of mean +- std over seeds. A `select: {lr: [...]}` block chooses each "
-                       "run's learning rate on a validation split of the training set first. See kd/app/sweep.py "
+                       "run's learning rate on a validation split of the training set first. See kd/app/sweep/__init__.py "
                        "for the format.")
     p.add_argument("file")
     p.add_argument("--jobs", type=int, default=1, metavar="N",

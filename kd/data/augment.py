@@ -139,7 +139,7 @@ class WorkerAugmentLoader:
     Same order, sharding and batch transform (crop, flip, normalisation) as the wrapped loader.
     Each worker makes whole batches with :class:`BatchRandAugment` (images that drew the same
     operation go through it together: about 4x faster than torchvision's per-image RandAugment,
-    benchmarks/README.md, "Loader cost"), seeded by (seed, epoch,
+    benchmarks/loading.md, "Loader cost"), seeded by (seed, epoch,
     rank, batch), so a run is reproducible and independent of ``num_workers`` (0: in the
     training process).
     """
