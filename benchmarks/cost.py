@@ -2,8 +2,8 @@
 
 Every source trains its own copy of the same student (same initial weights, same batches,
 same optimiser) through the engine's real training step; ``bare`` is a hand-written PyTorch
-loop with no framework code, the floor. Warm-up steps are not timed; sources are interleaved
-over the repeats in a fresh random order each repeat, so machine drift hits all alike and no row
+loop with no framework code, at the framework rows' learning rate, the floor. Warm-up steps are
+not timed; sources are interleaved over the repeats in a fresh random order each repeat, so machine drift hits all alike and no row
 always follows the same neighbour; in step mode each row first takes one untimed step, so its
 timed steps run with its own weights and batch in the caches, as every step of a training run
 does. Rows that run a network on the inputs (a ResNet teacher online) are timed in a phase of

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from teachers import bench_rows, row_table
-from kd.engine import compile_options, compile_step, compiled_optimizer_step, make_accelerator, prepare_training
+from kd.engine import (compile_options, compile_step, compiled_optimizer_step, lr_lambda, make_accelerator,
+                       prepare_training)
 from kd.errors import KDError
 from kd.sources import SourceContext, TargetSource
 
@@ -46,14 +47,26 @@ class Runner:
         self.phase = "main"  # "heavy": the row runs a network on the inputs, timed apart (see phases)
 
 
+#: steps per epoch of every timed row's schedule: the rows time steps of a run's first warm-up epoch, where the
+#: learning rate is a millionth of its peak, so that no row's network moves far from where it started
+STEPS_PER_EPOCH = 10**6
+
+
 def bare_runner(student: nn.Module, cfg, device, amp_dtype, batches, compiled: bool = False,
                  backend: str = "inductor", mode: str = "default") -> Runner:
-    """The plain PyTorch loop: forward, cross-entropy, backward, SGD. Compiled, the forward-and-loss and
-    the optimiser step are compiled as the engine's are (:func:`kd.engine.compile_step`)."""
+    """The plain PyTorch loop: forward, cross-entropy, backward, SGD, and the learning rate set by hand
+    after each step, as nanoGPT's loop does, on the schedule the framework rows follow
+    (:func:`kd.engine.lr_lambda` with :data:`STEPS_PER_EPOCH`). The same rate matters for more than
+    fairness: the step's time depends on the weights' values, and on the synthetic batches a LeNet at its
+    peak rate kills its ReLUs within a few hundred steps and then steps 10-20% faster than a live one
+    (benchmarks/step-cost.md). Compiled, the forward-and-loss and the optimiser step are compiled as the
+    engine's are (:func:`kd.engine.compile_step`), the rate a tensor updated in place."""
     model = student.to(device)
-    lr = torch.tensor(cfg.lr, device=device) if compiled else cfg.lr
+    schedule = lr_lambda(cfg, STEPS_PER_EPOCH)
+    lr = torch.tensor(cfg.lr * schedule(0), device=device) if compiled else cfg.lr * schedule(0)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum, nesterov=True,
                           weight_decay=cfg.weight_decay)
+    done = [0]  # optimiser steps taken
 
     def forward_loss(x, y):
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -69,6 +82,13 @@ def bare_runner(student: nn.Module, cfg, device, amp_dtype, batches, compiled: b
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt_step()
+        done[0] += 1
+        rate = cfg.lr * schedule(done[0])
+        for g in opt.param_groups:
+            if compiled:
+                g["lr"].fill_(rate)
+            else:
+                g["lr"] = rate
 
     return Runner("bare" + compiled_suffix(mode) * compiled, step, batches, compiled)
 
@@ -98,7 +118,7 @@ def compile_training(training, backend: str = "inductor", mode: str = "default")
 
 def framework_runner(name, student, source, cfg, batches, compiled: bool = False,
                      backend: str = "inductor", mode: str = "default") -> Runner:
-    training = prepare_training(make_accelerator(cfg), student, source, cfg, steps_per_epoch=10**6)
+    training = prepare_training(make_accelerator(cfg), student, source, cfg, steps_per_epoch=STEPS_PER_EPOCH)
     if compiled:
         compile_training(training, backend, mode)
     r = Runner(name + compiled_suffix(mode) * compiled, training.step, batches, compiled)

@@ -13,12 +13,23 @@ fmnist-lenet: LeNet, B=128, K=10, fp32 on CPU):
 The phases re-do by hand what ``Training.step`` does in one call (no mixing, no AMP, no
 data-parallel averaging), so their sum is the step without its call overhead.
 
+``--over-bare`` adds a third view, what the framework adds to the bare loop of ``kd bench``:
+that loop, then the same loop with the framework's per-step additions put in one at a time
+(:class:`HandLoop`: torch's ``LambdaLR`` for the hand-set rate; the kept detached logits, the
+named-terms dict and its sum, the disabled autocast context), then ``Training.step`` itself with
+the first source, each on its own copy of one student at the same learning rates, interleaved
+step by step; operator counts and median step times, each paired against the bare loop. One more
+row, ``bare, peak rate``, is the bare loop at the schedule's peak rate throughout, as ``kd bench``'s
+bare row ran before it followed the framework rows' schedule.
+
     python -m benchmarks.step_profile --sources onehot,lspp --rounds 1000 --out FILE.json
+    python -m benchmarks.step_profile --sources onehot --over-bare --rounds 2000 --out FILE.json
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import gc
 import json
 import os
@@ -28,12 +39,13 @@ import time
 from collections import Counter
 
 import torch
+import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.cost import PRESETS, synthetic_batches
-from benchmarks.harness import stand_in_source
+from benchmarks.harness import STEPS_PER_EPOCH, bare_runner, stand_in_source
 from kd.config import TrainConfig
-from kd.engine import machine_name, make_accelerator, prepare_training, total_loss
+from kd.engine import lr_lambda, machine_name, make_accelerator, prepare_training, total_loss
 from kd.errors import KDError
 from kd.models import create_model
 from kd.runs import check_new_file
@@ -41,19 +53,81 @@ from kd.runs import check_new_file
 PHASES = ("forward", "loss", "zero_grad", "backward", "optimizer", "scheduler")
 
 
-def _trainings(preset: str, sources: list[str]):
+def _trainings(preset: str, sources: list[str], over_bare: bool = False):
+    """One prepared training per source (and, with ``over_bare``, the rungs of :class:`HandLoop`), all from
+    copies of one student, and one fixed batch."""
     p = PRESETS[preset]
     cfg = TrainConfig(device="cpu", batch_size=p.batch_cpu, augment=True)
     torch.manual_seed(0)
     student0 = create_model(p.student, p.num_classes, p.channels, p.size)
     out = {}
+    if over_bare:
+        out["bare"] = bare_runner(copy.deepcopy(student0), cfg, torch.device("cpu"), None, None)
+        peak = dataclasses.replace(cfg, schedule="constant", warmup_epochs=0.0)  # kd bench's bare row until 2026-12
+        out["bare, peak rate"] = bare_runner(copy.deepcopy(student0), peak, torch.device("cpu"), None, None)
+        for rung in HandLoop.RUNGS:
+            out[rung] = HandLoop(copy.deepcopy(student0), cfg, rung)
     for name in sources:
         src = stand_in_source(name, p.num_classes, None, 10_000)
         if src.needs_inputs:
             raise KDError(f"source '{name}' runs a teacher network; profile label-level sources only")
-        out[name] = prepare_training(make_accelerator(cfg), copy.deepcopy(student0), src, cfg, steps_per_epoch=10**6)
+        out[name] = prepare_training(make_accelerator(cfg), copy.deepcopy(student0), src, cfg, steps_per_epoch=STEPS_PER_EPOCH)
     x, y, idx = synthetic_batches(p, p.batch_cpu, torch.device("cpu"), False, 10_000, count=1)[0]
     return out, (x, y, idx)
+
+
+class HandLoop:
+    """The bare loop of ``kd bench`` (:func:`benchmarks.harness.bare_runner`) with what ``Training.step`` adds
+    to it switched on rung by rung: ``+LambdaLR`` (the schedule stepped by torch's ``LambdaLR`` after the
+    optimiser, as the engine does, instead of the rate set by hand); ``+bookkeeping`` (also the autocast
+    context, disabled in fp32, the named-terms dict and ``total_loss``, and the detached logits kept for the
+    epoch's accuracy)."""
+
+    RUNGS = ("+LambdaLR", "+bookkeeping")
+
+    def __init__(self, model, cfg: TrainConfig, rung: str):
+        self.model, self.rung = model.train(), rung
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                         nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, STEPS_PER_EPOCH))
+        self.logits = None
+
+    def step(self, x, y, idx):
+        if self.rung == "+bookkeeping":
+            with torch.autocast("cpu", enabled=False):
+                logits = self.model(x)
+                terms = {"ce": F.cross_entropy(logits.float(), y)}
+            loss = total_loss(terms)
+            self.logits = logits.detach()
+        else:
+            loss = F.cross_entropy(self.model(x).float(), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+
+
+def whole_steps(steppers: dict, batch, rounds: int, warmup: int = 20) -> dict:
+    """Each stepper's whole ``step`` timed, interleaved (every other round reversed): median step and the
+    median of its per-round ratio to the first."""
+    names = list(steppers)
+    times = {n: [] for n in names}
+    for _ in range(warmup):
+        for n in names:
+            steppers[n].step(*batch)
+    gc.collect()
+    gc.freeze()
+    try:
+        for r in range(rounds):
+            for n in (names if r % 2 == 0 else names[::-1]):
+                t0 = time.perf_counter()
+                steppers[n].step(*batch)
+                times[n].append((time.perf_counter() - t0) * 1e6)
+    finally:
+        gc.unfreeze()
+    base = times[names[0]]
+    return {n: {"step_us": statistics.median(times[n]),
+                "paired_ratio_to_bare": statistics.median(a / b for a, b in zip(times[n], base))} for n in names}
 
 
 def operator_counts(training, batch, steps: int = 10) -> Counter:
@@ -120,14 +194,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", default="fmnist-lenet", choices=list(PRESETS))
     ap.add_argument("--sources", default="onehot,lspp", help="comma-separated label-level rows; the first is the base")
     ap.add_argument("--rounds", type=int, default=1000)
+    ap.add_argument("--over-bare", action="store_true",
+                    help="also time the bare loop, its rungs towards Training.step, and the first source's real step")
     ap.add_argument("--out", default=None, metavar="FILE.json")
     args = ap.parse_args(argv)
     try:
         out = check_new_file(args.out) if args.out else None
         sources = [s.strip() for s in args.sources.split(",") if s.strip()]
-        trainings, batch = _trainings(args.preset, sources)
-        counts = {n: operator_counts(t, batch) for n, t in trainings.items()}
+        steppers, batch = _trainings(args.preset, sources, args.over_bare)
+        counts = {n: operator_counts(t, batch) for n, t in steppers.items()}
+        trainings = {n: steppers[n] for n in sources}
         timing = phase_timings(trainings, batch, args.rounds)
+        ladder = (whole_steps({n: steppers[n] for n in ("bare", "bare, peak rate", *HandLoop.RUNGS, sources[0])}, batch, args.rounds)
+                  if args.over_bare else None)
     except KDError as e:
         print(f"step_profile: error: {e}", file=sys.stderr)
         return 2
@@ -138,6 +217,11 @@ def main(argv: list[str] | None = None) -> int:
               "torch": torch.__version__, "load_avg": os.getloadavg()[0],
               "operators_per_step": {n: sum(c.values()) for n, c in counts.items()},
               f"operator_count_diff_{b}_minus_{a}": diff, "phases_us": timing}
+    if ladder is not None:
+        bare = counts["bare"]
+        result["over_bare"] = {n: {**row, "operator_count_diff_to_bare": {
+            k: counts[n][k] - bare[k] for k in sorted(set(counts[n]) | set(bare)) if counts[n][k] != bare[k]}}
+            for n, row in ladder.items()}
     text = json.dumps(result, indent=2)
     print(text)
     if out is not None:

@@ -275,6 +275,22 @@ def test_step_profile_counts_operators_and_times_phases(tmp_path):
     assert main(["--preset", "digits", "--sources", "onehot,network"]) == 2  # a teacher network: refused
 
 
+def test_step_profile_over_bare_shows_the_framework_adds_one_operator_to_the_bare_loop(tmp_path):
+    """``--over-bare``: the bare loop, its rungs and the real 1-hot step, each with its operators' difference to the
+    bare loop; Training.step's only extra operator is the detach of the logits it keeps for the epoch's accuracy."""
+    import json
+
+    from benchmarks.step_profile import main
+
+    out = tmp_path / "p.json"
+    assert main(["--preset", "digits", "--sources", "onehot", "--over-bare", "--rounds", "3", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["over_bare"]
+    assert list(rows) == ["bare", "bare, peak rate", "+LambdaLR", "+bookkeeping", "onehot"]
+    assert rows["bare"]["paired_ratio_to_bare"] == 1.0 and rows["onehot"]["step_us"] > 0
+    assert rows["+LambdaLR"]["operator_count_diff_to_bare"] == {}
+    assert rows["onehot"]["operator_count_diff_to_bare"] == {"aten::detach": 1.0, "detach": 1.0}
+
+
 def test_large_k_bench_has_only_flags_it_uses(kd_main):
     code, _, err = kd_main("large-k-bench", "--compile")
     assert code == 2 and "unrecognized arguments: --compile" in err
@@ -282,3 +298,34 @@ def test_large_k_bench_has_only_flags_it_uses(kd_main):
     assert code == 2 and "unrecognized arguments: --classes" in err
     code, _, err = kd_main("large-k-bench", "--classes", "1000")
     assert code == 2 and "two numbers of classes" in err
+
+
+def test_bare_loop_and_the_rungs_above_it_train_exactly_as_the_framework_step():
+    """The bare loop is the floor only if it does the same arithmetic as ``Training.step`` with 1-hot labels: the
+    same rate at every step (the framework rows' schedule, here made to move within the steps) and the same
+    update; so do the step profile's rungs between them. A loop at a fixed rate, or at another one, fails."""
+    import copy
+
+    from benchmarks.harness import STEPS_PER_EPOCH, bare_runner, stand_in_source
+    from benchmarks.step_profile import HandLoop
+    from kd.config import TrainConfig
+    from kd.engine import make_accelerator, prepare_training
+    from kd.models import create_model
+
+    cfg = TrainConfig(device="cpu", batch_size=16, lr=0.5, warmup_epochs=8 / STEPS_PER_EPOCH)  # 8 warm-up steps
+    torch.manual_seed(0)
+    start = create_model("lenet", 10, 1, 8)
+    x, y, idx = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,)), torch.arange(16)
+    models = {name: copy.deepcopy(start) for name in ("bare", *HandLoop.RUNGS, "onehot")}
+    steppers = {"bare": bare_runner(models["bare"], cfg, torch.device("cpu"), None, None),
+                **{r: HandLoop(models[r], cfg, r) for r in HandLoop.RUNGS},
+                "onehot": prepare_training(make_accelerator(cfg), models["onehot"], stand_in_source("onehot", 10, None, 16),
+                                           cfg, steps_per_epoch=STEPS_PER_EPOCH)}
+    for _ in range(12):
+        for s in steppers.values():
+            s.step(x, y, idx)
+    moved = max((a - b).abs().max().item() for a, b in zip(models["onehot"].parameters(), start.parameters()))
+    assert moved > 1e-2  # the rates are large enough for a wrong schedule to show
+    for name in ("bare", *HandLoop.RUNGS):
+        for a, b in zip(models[name].parameters(), models["onehot"].parameters()):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
