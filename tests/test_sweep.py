@@ -137,6 +137,20 @@ def test_benchmarks_readme_claims_table_is_made_from_the_committed_csvs():
     assert markdown(df) in bench_pages()
 
 
+def test_benchmarks_index_counts_the_verdicts_of_the_committed_claims_table():
+    """The index's one-line tally of the claims table is the committed table's, not a number copied once."""
+    import re
+
+    from benchmarks.claims import claims_frame
+
+    counts = claims_frame()["verdict"].value_counts()
+    index = " ".join((ROOT / "benchmarks" / "README.md").read_text().split())
+    m = re.search(r"within noise at three seeds \((\d+) of (\d+) rows\); (\d+) hold and (\d+) do not", index)
+    assert m, "benchmarks/README.md: the tally of the claims table is gone"
+    assert [int(g) for g in m.groups()] == [counts.get("within noise", 0), counts.sum(), counts.get("holds", 0),
+                                            counts.get("does not hold", 0)]
+
+
 def test_benchmarks_readme_c_learning_rate_questions_are_made_from_the_committed_csvs():
     from benchmarks.claims import QUESTIONS, claims_frame, questions_markdown
 
