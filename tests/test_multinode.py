@@ -20,7 +20,9 @@ itself); the two-node launch takes a port below the kernel's ephemeral range, ch
 watched as a pair: when one launcher fails, the other is killed at once (torchrun's agent whose workers
 succeeded would otherwise wait up to 300 s at its exit barrier for the failed one), and both write to
 files, so no full pipe can block a launcher. Every launch exits 0: kd leaves the process group
-(``destroy_process_group``) at the end of every command, and no teardown abort is tolerated.
+(``destroy_process_group``) at the end of every command and ends a worker of several with ``os._exit``
+(DDP keeps the gloo group's threads alive into the interpreter's teardown, which can abort), and no
+teardown abort is tolerated.
 """
 import json
 import os

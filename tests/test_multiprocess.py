@@ -3,6 +3,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 
@@ -20,3 +22,32 @@ def test_two_process_lspp_training_fills_one_run_directory(tmp_path):
     assert len((out / "metrics.csv").read_text().strip().splitlines()) == 1 + 2
     assert sorted(p.name for p in out.iterdir()) == [
         "c_matrix.safetensors", "config.yaml", "metrics.csv", "model.safetensors", "summary.json"]
+
+
+@pytest.mark.parametrize("world, ends", [(2, True), (1, False)])
+def test_a_worker_leaves_its_group_then_ends_at_once_with_the_commands_code(monkeypatch, capsys, world, ends):
+    """Under torchrun with several processes a command leaves the process group and ends the worker through
+    os._exit with its own exit code (the interpreter's teardown can abort with DDP's gloo threads still running);
+    in one process it returns the code as usual."""
+    import torch
+
+    from kd.app import cli
+
+    events = []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: world)
+    monkeypatch.setattr(torch.distributed, "destroy_process_group", lambda: events.append("left"))
+
+    def os_exit(code):  # stands in for os._exit, which would end pytest
+        events.append(("exit", code))
+        raise SystemExit(code)
+
+    monkeypatch.setattr(cli.os, "_exit", os_exit)
+    argv = ["proxy", "export", "/nonexistent/run", "--out", "/nonexistent/c.safetensors"]  # a one-line error: code 2
+    if ends:
+        with pytest.raises(SystemExit):
+            cli.main(argv)
+        assert events == ["left", ("exit", 2)]
+    else:
+        assert cli.main(argv) == 2 and events == ["left"]
+    assert "is not a finished run" in capsys.readouterr().err
