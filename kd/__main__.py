@@ -1,4 +1,4 @@
-from kd.app.cli import main
+from kd.app.cli import entry
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    entry()

@@ -24,30 +24,36 @@ def test_two_process_lspp_training_fills_one_run_directory(tmp_path):
         "c_matrix.safetensors", "config.yaml", "metrics.csv", "model.safetensors", "summary.json"]
 
 
-@pytest.mark.parametrize("world, ends", [(2, True), (1, False)])
-def test_a_worker_leaves_its_group_then_ends_at_once_with_the_commands_code(monkeypatch, capsys, world, ends):
-    """Under torchrun with several processes a command leaves the process group and ends the worker through
-    os._exit with its own exit code (the interpreter's teardown can abort with DDP's gloo threads still running);
-    in one process it returns the code as usual."""
+def test_main_leaves_the_group_and_returns_the_code_for_a_script_that_goes_on(monkeypatch, capsys):
+    """`main` returns under torchrun too (a user's script may save more after it), having left the process group."""
     import torch
 
     from kd.app import cli
 
-    events = []
+    left = []
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
-    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: world)
-    monkeypatch.setattr(torch.distributed, "destroy_process_group", lambda: events.append("left"))
+    monkeypatch.setattr(torch.distributed, "destroy_process_group", lambda: left.append(True))
+    assert cli.main(["proxy", "export", "/nonexistent/run", "--out", "/nonexistent/c.safetensors"]) == 2
+    assert left == [True] and "is not a finished run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("world, at_once", [("2", True), ("1", False), (None, False)])
+def test_finish_ends_a_worker_of_several_at_once_with_the_code(monkeypatch, world, at_once):
+    """`kd` and `python -m kd` end through `finish`: under torchrun with several processes through os._exit (the
+    interpreter's teardown can abort with DDP's gloo threads still running), else through sys.exit; the code kept."""
+    from kd.app import cli
+
+    if world is None:
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("WORLD_SIZE", world)
+    exits = []
 
     def os_exit(code):  # stands in for os._exit, which would end pytest
-        events.append(("exit", code))
+        exits.append(code)
         raise SystemExit(code)
 
     monkeypatch.setattr(cli.os, "_exit", os_exit)
-    argv = ["proxy", "export", "/nonexistent/run", "--out", "/nonexistent/c.safetensors"]  # a one-line error: code 2
-    if ends:
-        with pytest.raises(SystemExit):
-            cli.main(argv)
-        assert events == ["left", ("exit", 2)]
-    else:
-        assert cli.main(argv) == 2 and events == ["left"]
-    assert "is not a finished run" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        cli.finish(3)
+    assert e.value.code == 3 and exits == ([3] if at_once else [])

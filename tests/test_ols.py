@@ -262,7 +262,7 @@ RANK_SCRIPT = """
 import os, sys
 sys.path.insert(0, {root!r})
 from safetensors.torch import save_file
-from kd.app.cli import main
+from kd.app.cli import finish, main
 from teachers.ols import OnlineLabelSmoothing
 
 seen = {{}}
@@ -276,10 +276,10 @@ def recording_epoch_end(self, all_reduce):
 
 
 OnlineLabelSmoothing.on_epoch_end = recording_epoch_end
-code = main(sys.argv[1:])  # what `python -m kd ...` runs
+code = main(sys.argv[1:])  # what `python -m kd ...` runs, and how it ends
 save_file({{"table": seen["source"].table, "sums": seen["sums"], "counts": seen["counts"]}},
           os.path.join({out!r}, "rank%s.safetensors" % os.environ["RANK"]))
-raise SystemExit(code)
+finish(code)
 """
 
 

@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 from dataclasses import replace
+from typing import NoReturn
 
 import torch
 
@@ -546,45 +547,47 @@ def _quiet_torch_on_cpu() -> None:
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
-def _leave_process_group() -> bool:
-    """Under torchrun: leave the process group; whether it had more than one process."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return False
-    several = torch.distributed.get_world_size() > 1
-    torch.distributed.destroy_process_group()
-    return several
+def _leave_process_group() -> None:
+    """Under torchrun: leave the process group, or a worker can abort at exit."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
-def _exit_worker(code: int) -> None:
-    """End a data-parallel worker now, its output flushed, without the interpreter's teardown.
+def main(argv: list[str] | None = None) -> int:
+    """Run one `kd` command; its exit code. Callable from a user's own script, under torchrun too."""
+    _quiet_torch_on_cpu()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except KDError as e:
+        print(f"kd: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kd: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        _leave_process_group()
+
+
+def finish(code: int) -> NoReturn:
+    """End the process with a command's exit code; a data-parallel worker (torchrun's WORLD_SIZE above 1)
+    ends at once, its output flushed, without the interpreter's teardown.
 
     torch 2.14.1's DistributedDataParallel keeps references to its gloo process group after
     ``destroy_process_group``, so the group's threads are still running when the interpreter shuts
     down, and a launch can then abort with "terminate called without an active exception" after the run
     is complete: ten lines of plain torch (a DDP model on gloo, 20 steps, ``destroy_process_group``,
     exit) did so in 2 of 40 two-process launches on this project's CPU machine, and in none of 30 that
-    ended with ``os._exit``. Every file and tracker is closed by the time a command returns, so the
-    worker skips that teardown."""
-    for stream in (sys.stdout, sys.stderr):
-        stream.flush()
-    logging.shutdown()
-    os._exit(code)
+    ended with ``os._exit``. Every file and tracker is closed by the time a command returns."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        logging.shutdown()
+        os._exit(code)
+    sys.exit(code)
 
 
-def main(argv: list[str] | None = None) -> int:
-    _quiet_torch_on_cpu()
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        code = args.func(args)
-    except KDError as e:
-        print(f"kd: error: {e}", file=sys.stderr)
-        code = 2
-    except KeyboardInterrupt:
-        print("kd: interrupted", file=sys.stderr)
-        code = 130
-    finally:  # on every path, an unexpected exception's too (it then propagates with its traceback)
-        several = _leave_process_group()
-    if several:
-        _exit_worker(code)
-    return code
+def entry() -> NoReturn:
+    """`kd ...` and `python -m kd ...`: one command, then :func:`finish`."""
+    finish(main())
