@@ -45,10 +45,11 @@ from torch.profiler import ProfilerActivity, profile
 from benchmarks.cost import PRESETS, synthetic_batches
 from benchmarks.harness import STEPS_PER_EPOCH, bare_runner, stand_in_source
 from kd.config import TrainConfig
-from kd.engine import lr_lambda, machine_name, make_accelerator, prepare_training, total_loss
+from kd.engine import build_optimizer, lr_lambda, machine_name, make_accelerator, prepare_training, total_loss
 from kd.errors import KDError
 from kd.models import create_model
 from kd.runs import check_new_file
+from teachers.onehot import OneHot
 
 PHASES = ("forward", "loss", "zero_grad", "backward", "optimizer", "scheduler")
 
@@ -66,7 +67,7 @@ def _trainings(preset: str, sources: list[str], over_bare: bool = False):
         peak = dataclasses.replace(cfg, schedule="constant", warmup_epochs=0.0)  # kd bench's bare row until 2026-12
         out["bare, peak rate"] = bare_runner(copy.deepcopy(student0), peak, torch.device("cpu"), None, None)
         for rung in HandLoop.RUNGS:
-            out[rung] = HandLoop(copy.deepcopy(student0), cfg, rung)
+            out[rung] = HandLoop(copy.deepcopy(student0), cfg, rung, p.num_classes)
     for name in sources:
         src = stand_in_source(name, p.num_classes, None, 10_000)
         if src.needs_inputs:
@@ -85,10 +86,9 @@ class HandLoop:
 
     RUNGS = ("+LambdaLR", "+bookkeeping")
 
-    def __init__(self, model, cfg: TrainConfig, rung: str):
+    def __init__(self, model, cfg: TrainConfig, rung: str, num_classes: int):
         self.model, self.rung = model.train(), rung
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                         nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay)
+        self.optimizer = build_optimizer(model, OneHot(num_classes), cfg)  # as a 1-hot training's
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, STEPS_PER_EPOCH))
         self.logits = None
 
@@ -107,24 +107,36 @@ class HandLoop:
         self.scheduler.step()
 
 
-def whole_steps(steppers: dict, batch, rounds: int, warmup: int = 20) -> dict:
-    """Each stepper's whole ``step`` timed, interleaved (every other round reversed): median step and the
-    median of its per-round ratio to the first."""
-    names = list(steppers)
-    times = {n: [] for n in names}
+def interleaved(names: list[str], call, rounds: int, warmup: int = 20) -> dict[str, list]:
+    """``call(name)`` for every name, ``warmup`` untimed rounds and then ``rounds`` recorded ones, the
+    names interleaved step by step (every other round reversed, so no name always follows the same
+    neighbour) with garbage collection frozen (a full collection would land in whichever step crosses
+    its threshold); what each call returns, in order, per name."""
     for _ in range(warmup):
         for n in names:
-            steppers[n].step(*batch)
+            call(n)
+    out = {n: [] for n in names}
     gc.collect()
     gc.freeze()
     try:
         for r in range(rounds):
             for n in (names if r % 2 == 0 else names[::-1]):
-                t0 = time.perf_counter()
-                steppers[n].step(*batch)
-                times[n].append((time.perf_counter() - t0) * 1e6)
+                out[n].append(call(n))
     finally:
         gc.unfreeze()
+    return out
+
+
+def whole_steps(steppers: dict, batch, rounds: int, warmup: int = 20) -> dict:
+    """Each stepper's whole ``step`` timed, interleaved: median step and the median of its per-round
+    ratio to the first."""
+    def timed(n):
+        t0 = time.perf_counter()
+        steppers[n].step(*batch)
+        return (time.perf_counter() - t0) * 1e6
+
+    names = list(steppers)
+    times = interleaved(names, timed, rounds, warmup)
     base = times[names[0]]
     return {n: {"step_us": statistics.median(times[n]),
                 "paired_ratio_to_bare": statistics.median(a / b for a, b in zip(times[n], base))} for n in names}
@@ -160,19 +172,11 @@ def _phased_step(t, x, y, idx, clock) -> list[float]:
 
 
 def phase_timings(trainings: dict, batch, rounds: int, warmup: int = 20) -> dict:
+    """Each training's step cut into :data:`PHASES` (:func:`_phased_step`), interleaved: median of each
+    phase and of the whole, and against the first training the paired median differences per phase
+    and the paired median ratio of the whole."""
     names = list(trainings)
-    times = {n: [] for n in names}
-    for _ in range(warmup):
-        for n in names:
-            _phased_step(trainings[n], *batch, time.perf_counter)
-    gc.collect()
-    gc.freeze()
-    try:
-        for r in range(rounds):
-            for n in (names if r % 2 == 0 else names[::-1]):
-                times[n].append(_phased_step(trainings[n], *batch, time.perf_counter))
-    finally:
-        gc.unfreeze()
+    times = interleaved(names, lambda n: _phased_step(trainings[n], *batch, time.perf_counter), rounds, warmup)
     base = names[0]
     out = {}
     for n in names:

@@ -318,7 +318,7 @@ def test_bare_loop_and_the_rungs_above_it_train_exactly_as_the_framework_step():
     x, y, idx = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,)), torch.arange(16)
     models = {name: copy.deepcopy(start) for name in ("bare", *HandLoop.RUNGS, "onehot")}
     steppers = {"bare": bare_runner(models["bare"], cfg, torch.device("cpu"), None, None),
-                **{r: HandLoop(models[r], cfg, r) for r in HandLoop.RUNGS},
+                **{r: HandLoop(models[r], cfg, r, 10) for r in HandLoop.RUNGS},
                 "onehot": prepare_training(make_accelerator(cfg), models["onehot"], stand_in_source("onehot", 10, None, 16),
                                            cfg, steps_per_epoch=STEPS_PER_EPOCH)}
     for _ in range(12):
