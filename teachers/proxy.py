@@ -33,7 +33,11 @@ class ProxyTeacher(TableSource):
     @classmethod
     def from_spec(cls, arg: str, ctx: SourceContext) -> "ProxyTeacher":
         if "c_matrix" in ctx.artifacts:  # a matrix in memory (Python)
-            return cls(ctx.artifacts["c_matrix"], proxy_alpha(cls.value(ctx, "alpha")))
+            src = cls(ctx.artifacts["c_matrix"], proxy_alpha(cls.value(ctx, "alpha")))
+            if src.num_classes != ctx.num_classes:
+                raise KDError(f"c_matrix= is {src.num_classes} x {src.num_classes} but the source was asked for "
+                              f"K={ctx.num_classes} classes; pass the C of a run on these classes")
+            return src
         if not arg:
             raise KDError("teacher 'proxy' needs a path: proxy:PATH (a c_matrix.safetensors or an LS++ run directory)")
         src = load_proxy(arg, alpha=cls.value(ctx, "alpha"), num_classes=ctx.num_classes)

@@ -73,6 +73,9 @@ def test_in_memory_teachers_by_name():
         make_source("ls", 5, c_matrix=torch.eye(5))
     with pytest.raises(KDError, match="logits= holds 3 rows"):
         make_source("cached", 5, logits=torch.zeros(3, 5), num_train=4)
+    c4 = torch.full((4, 4), 1 / 3).fill_diagonal_(0)  # a valid C, of another number of classes
+    with pytest.raises(KDError, match="c_matrix= is 4 x 4 but the source was asked for K=5"):
+        make_source("proxy", 5, c_matrix=c4)  # else accepted, and label 4 fails in the first batch
 
 
 @pytest.mark.parametrize("bad, needle", [(None, "got NoneType"), ("ls", "make_source('ls', K)"),
